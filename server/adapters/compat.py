@@ -1,0 +1,143 @@
+"""What vLLM can serve: the one rule book the trainer and the server share.
+
+vLLM refuses some PEFT adapters at load time and, worse, silently serves base
+output for others (an adapter made for another base, targets the model class
+has no LoRA slot for). loraplex moves every such check to the moment an adapter
+is *made* (the trainer refuses to write it) or *uploaded* (the server refuses
+to register it), so a request never meets a broken adapter.
+
+Rules (mirroring vLLM's ``PEFTHelper.validate_legal`` and its model classes):
+
+- rank ``r`` (and every ``rank_pattern`` value) is one of vLLM's
+  ``max_lora_rank`` values and not above the server's ``--max-lora-rank``;
+- no ``modules_to_save`` (vLLM has no slot for full embed_tokens/lm_head copies);
+- no DoRA, no LoRA bias, no init that rewrites base weights (LoftQ, PiSSA, ...);
+- every target is a linear layer that vLLM's class for the base's architecture
+  takes LoRA on;
+- the adapter was trained on this base (same fingerprint), when it says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# vLLM's `MaxLoRARanks` (vllm/config/lora.py, identical in 0.25 and 0.32):
+# `--max-lora-rank` takes only these, and vLLM sizes its LoRA slots by it.
+VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Linear layers vLLM's model class takes LoRA on, per HF architecture. vLLM packs
+# q/k/v into qkv_proj and gate/up into gate_up_proj; PEFT names are the unpacked ones.
+_LLAMA_LIKE = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+LORA_TARGETS: dict[str, frozenset[str]] = {
+    "LlamaForCausalLM": _LLAMA_LIKE,
+    "MistralForCausalLM": _LLAMA_LIKE,
+    "Qwen2ForCausalLM": _LLAMA_LIKE,
+    "Qwen3ForCausalLM": _LLAMA_LIKE,
+}
+
+# init_lora_weights values that only set the starting A/B (vLLM's own allow-list);
+# any other string (loftq, pissa, olora, corda) changes base weights at load time.
+_PLAIN_INITS = {"gaussian", "eva", "orthogonal", "mica", "lora_ga"}
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One reason an adapter cannot be served. ``field`` names the adapter_config
+    key (or trainer flag) at fault, so both fronts can point at it."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class IncompatibleAdapter(ValueError):
+    """An adapter vLLM would refuse or mis-serve. Carries every violation, not just the first."""
+
+    def __init__(self, violations: Iterable[Violation]):
+        self.violations = tuple(violations)
+        super().__init__("; ".join(str(v) for v in self.violations))
+
+
+def rank_violation(r: Any, *, field: str = "r", max_rank: int | None = None) -> Violation | None:
+    allowed = [x for x in VLLM_RANKS if max_rank is None or x <= max_rank]
+    if isinstance(r, bool) or not isinstance(r, int) or r not in allowed:
+        why = "vLLM accepts no other ranks" if max_rank is None else f"the server's --max-lora-rank is {max_rank}"
+        return Violation(field, f"must be one of {', '.join(map(str, allowed))} ({why}); got {r!r}")
+    return None
+
+
+def target_violations(targets: Any, architecture: str, *, field: str = "target_modules") -> list[Violation]:
+    supported = LORA_TARGETS.get(architecture)
+    if supported is None:
+        known = ", ".join(sorted(LORA_TARGETS))
+        return [Violation("architecture", f"{architecture!r} is not a base loraplex serves adapters for (known: {known})")]
+    if targets == "all-linear":
+        return []
+    if isinstance(targets, str):
+        # PEFT treats a string as a regex over full module names; resolve it the same way.
+        pattern = re.compile(targets)
+        names = [m for m in supported if pattern.fullmatch(m) or pattern.search(m)]
+        if not names:
+            return [Violation(field, f"regex {targets!r} matches none of {', '.join(sorted(supported))}")]
+        return []
+    if not isinstance(targets, (list, tuple, set)) or not targets:
+        return [Violation(field, f"must be 'all-linear' or a non-empty list of module names; got {targets!r}")]
+    bad = sorted(str(t) for t in targets if t not in supported)
+    if bad:
+        return [Violation(field, f"vLLM takes no LoRA on {', '.join(bad)} for {architecture}; "
+                                 f"choose from {', '.join(sorted(supported))}")]
+    return []
+
+
+def check_adapter_config(
+    config: Mapping[str, Any],
+    *,
+    architecture: str,
+    max_rank: int | None = None,
+) -> list[Violation]:
+    """Every reason vLLM would refuse (or mis-serve) a PEFT ``adapter_config.json``."""
+    out: list[Violation] = []
+    if config.get("peft_type", "LORA") != "LORA":
+        out.append(Violation("peft_type", f"must be LORA; got {config.get('peft_type')!r}"))
+    if v := rank_violation(config.get("r"), max_rank=max_rank):
+        out.append(v)
+    for key, rank in (config.get("rank_pattern") or {}).items():
+        if v := rank_violation(rank, field=f"rank_pattern[{key}]", max_rank=max_rank):
+            out.append(v)
+    if config.get("modules_to_save"):
+        out.append(Violation("modules_to_save", f"must be empty (vLLM serves no full-weight module copies); "
+                                                f"got {config['modules_to_save']!r}"))
+    if config.get("use_dora"):
+        out.append(Violation("use_dora", "DoRA adapters are not supported by vLLM"))
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        out.append(Violation("bias", "LoRA bias terms are not supported by vLLM"))
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        out.append(Violation("init_lora_weights", f"{init!r} rewrites base weights at load time, "
+                                                  "which vLLM cannot do"))
+    for key in ("layer_replication", "layers_to_transform", "alora_invocation_tokens"):
+        if config.get(key):
+            out.append(Violation(key, "is not supported by vLLM"))
+    out += target_violations(config.get("target_modules"), architecture)
+    return out
+
+
+def ensure_servable(config: Mapping[str, Any], *, architecture: str, max_rank: int | None = None) -> None:
+    """Raise :class:`IncompatibleAdapter` listing every violation, or return."""
+    if violations := check_adapter_config(config, architecture=architecture, max_rank=max_rank):
+        raise IncompatibleAdapter(violations)
+
+
+def ensure_same_base(adapter_fingerprint: str | None, base_fingerprint: str) -> None:
+    """An adapter that records its base must match the served base bit for bit
+    (vLLM would otherwise serve it silently, and badly)."""
+    if adapter_fingerprint is not None and adapter_fingerprint != base_fingerprint:
+        raise IncompatibleAdapter([Violation(
+            "base_fingerprint",
+            f"adapter was trained on base {adapter_fingerprint[:16]}..., this base is {base_fingerprint[:16]}...",
+        )])

@@ -1,0 +1,61 @@
+"""The shared rule book: what the trainer refuses to write and the server refuses to upload."""
+
+import pytest
+
+from server.adapters.compat import (
+    VLLM_RANKS, IncompatibleAdapter, check_adapter_config, ensure_same_base, ensure_servable,
+)
+
+GOOD = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"],
+        "modules_to_save": None, "use_dora": False, "bias": "none", "init_lora_weights": True}
+
+
+def fields(config, **kw):
+    return [v.field for v in check_adapter_config(config, architecture="LlamaForCausalLM", **kw)]
+
+
+def test_plain_lora_passes():
+    assert fields(GOOD) == []
+    ensure_servable(GOOD, architecture="LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"use_dora": True}, "use_dora"),
+    ({"r": 12}, "r"),
+    ({"r": 0}, "r"),
+    ({"r": "16"}, "r"),
+    ({"bias": "all"}, "bias"),
+    ({"init_lora_weights": "loftq"}, "init_lora_weights"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules"),
+    ({"target_modules": []}, "target_modules"),
+    ({"rank_pattern": {"q_proj": 24}}, "rank_pattern[q_proj]"),
+    ({"peft_type": "IA3"}, "peft_type"),
+])
+def test_each_rule_names_its_field(change, field):
+    assert fields({**GOOD, **change}) == [field]
+
+
+def test_all_violations_are_reported_together():
+    with pytest.raises(IncompatibleAdapter) as e:
+        ensure_servable({**GOOD, "use_dora": True, "modules_to_save": ["embed_tokens"]}, architecture="LlamaForCausalLM")
+    assert {v.field for v in e.value.violations} == {"use_dora", "modules_to_save"}
+    assert "DoRA" in str(e.value) and "modules_to_save" in str(e.value)
+
+
+def test_max_rank_of_the_server_narrows_allowed_ranks():
+    assert fields({**GOOD, "r": 32}, max_rank=16) == ["r"]
+    assert fields({**GOOD, "r": 16}, max_rank=16) == []
+    assert 512 in VLLM_RANKS and 12 not in VLLM_RANKS
+
+
+def test_unknown_architecture_is_refused():
+    vs = check_adapter_config(GOOD, architecture="GPT2LMHeadModel")
+    assert [v.field for v in vs] == ["architecture"]
+
+
+def test_base_fingerprint_must_match():
+    ensure_same_base(None, "a" * 64)  # adapters without a manifest are checked elsewhere
+    ensure_same_base("a" * 64, "a" * 64)
+    with pytest.raises(IncompatibleAdapter, match="base_fingerprint"):
+        ensure_same_base("b" * 64, "a" * 64)

@@ -1,0 +1,1 @@
+"""Bundled demo data: ISO 8601 dates (see dates.py)."""

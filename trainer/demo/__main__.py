@@ -1,0 +1,3 @@
+from trainer.demo.dates import main
+
+main()

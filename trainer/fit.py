@@ -1,0 +1,460 @@
+"""The LoRA / QLoRA recipe: setup -> fit -> evaluate -> save.
+
+Every check that can fail on bad input (data, base, rank, targets, --4bit,
+--out) runs in ``setup`` before a single file is written, so a refused run
+leaves nothing behind. The adapter is written into a temporary sibling
+directory, checked against the same rule book the server uses
+(``server.adapters.compat``), and only then renamed into place.
+
+Ctrl-C saves a checkpoint (adapter weights, optimizer, scheduler, step, RNG)
+under ``<out>/checkpoint``; ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from server.adapters.compat import IncompatibleAdapter, Violation, ensure_servable, rank_violation
+from trainer import base as base_mod
+from trainer import data as data_mod
+from trainer.model import Precision, choose_precision, load_base, lora_config, resolve_targets
+from trainer.qlora import RECIPE, QLoRARecipe, bnb_skip_modules
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "loraplex.json"
+METRICS_LOG = "metrics.jsonl"
+CHECKPOINT = "checkpoint"
+
+
+class FitError(ValueError):
+    """Bad input to fit, found before anything was written."""
+
+
+@dataclass
+class FitArgs:
+    base: str = base_mod.DEFAULT_BASE
+    """`smollm2-135m` (bundled) or a local Hugging Face model directory."""
+    data: Path | None = None
+    """JSONL training data; default: the bundled ISO-8601 demo set."""
+    r: int = 16
+    """LoRA rank. Higher: more capacity, more adapter memory per GPU slot."""
+    alpha: int | None = None
+    """LoRA alpha; default 2*r (scale alpha/r = 2)."""
+    dropout: float = 0.05
+    targets: str = "all-linear"
+    """`all-linear` or a comma list (q_proj,v_proj,...)."""
+    load_4bit: bool = False
+    """QLoRA: NF4 base with double quant; LoftQ-initialised adapter (see qlora.py)."""
+    epochs: float = 2.0
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_seq_len: int = 256
+    packing: bool = False
+    eval_split: float = 0.05
+    seed: int = 0
+    out: Path = Path("runs")
+    name: str | None = None
+    """Adapter name; default: the data file's stem (`iso-dates` for the demo)."""
+    resume: bool = False
+    overwrite: bool = False
+    warmup_ratio: float = 0.03
+    log_every: int = 1
+    save_every: int = 0
+    """Optimizer steps between checkpoints; 0: only on Ctrl-C."""
+    recipe: QLoRARecipe = RECIPE
+    """How --4bit trains (see trainer/qlora.py); ignored without --4bit."""
+
+    def __post_init__(self):
+        if self.alpha is None:
+            self.alpha = 2 * self.r
+
+    @property
+    def data_path(self) -> Path:
+        from trainer.demo.dates import TRAIN_FILE
+
+        return Path(self.data) if self.data else TRAIN_FILE
+
+    @property
+    def adapter_name(self) -> str:
+        if self.name:
+            return self.name
+        return "iso-dates" if self.data is None else self.data_path.stem.split(".")[0]
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) / self.adapter_name
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    manifest: dict
+    losses: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _check_writable(out_dir: Path) -> None:
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise FitError(f"--out {str(out_dir.parent)!r}: cannot write under {str(probe)!r}")
+
+
+def validate_args(args: FitArgs) -> None:
+    """Flag checks that need no model (so they run in milliseconds)."""
+    if v := rank_violation(args.r, field="--r"):
+        raise IncompatibleAdapter([v])
+    checks = [
+        (args.alpha is not None and args.alpha > 0, "--alpha", "must be > 0"),
+        (0.0 <= args.dropout < 1.0, "--dropout", "must be in [0, 1)"),
+        (args.epochs > 0, "--epochs", "must be > 0"),
+        (args.lr > 0, "--lr", "must be > 0"),
+        (args.batch_size >= 1, "--batch-size", "must be >= 1"),
+        (args.grad_accum >= 1, "--grad-accum", "must be >= 1"),
+        (args.max_seq_len >= 8, "--max-seq-len", "must be >= 8"),
+        (0.0 <= args.eval_split < 1.0, "--eval-split", "must be in [0, 1)"),
+    ]
+    for ok, flag, msg in checks:
+        if not ok:
+            raise FitError(f"{flag} {msg}")
+    name = args.adapter_name
+    if not name or "/" in name or name.startswith(".") or any(ord(c) < 32 for c in name):
+        raise FitError(f"--name {name!r}: use letters, digits, '-', '_' and '.' (no '/', no leading '.')")
+    out_dir = args.out_dir
+    _check_writable(out_dir)
+    if args.resume:
+        if not (out_dir / CHECKPOINT / "state.pt").is_file():
+            raise FitError(f"--resume: no checkpoint in {out_dir / CHECKPOINT}")
+    elif out_dir.exists() and not args.overwrite:
+        raise FitError(f"--out: {out_dir} already exists (pass --overwrite to replace it, "
+                       "or --resume to continue its checkpoint)")
+
+
+@dataclass
+class Setup:
+    args: FitArgs
+    base: base_mod.BaseModel
+    precision: Precision
+    tokenizer: object
+    dataset: data_mod.Dataset
+    targets: list[str]
+
+
+def setup(args: FitArgs) -> Setup:
+    from transformers import AutoTokenizer
+
+    validate_args(args)
+    try:
+        base = base_mod.resolve(args.base)
+    except base_mod.BaseModelError as e:
+        raise FitError(str(e)) from None
+    targets = resolve_targets(args.targets, base)
+    precision = choose_precision(args.load_4bit)
+    if args.load_4bit:
+        from trainer.model import check_bitsandbytes
+
+        check_bitsandbytes()
+    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    try:
+        dataset = data_mod.load(args.data_path, tokenizer, max_seq_len=args.max_seq_len,
+                                eval_split=args.eval_split, seed=args.seed)
+    except data_mod.DataError as e:
+        raise FitError(str(e)) from None
+    if dataset.n_dropped_too_long:
+        logger.warning("dropped %d of %d examples longer than --max-seq-len %d",
+                       dataset.n_dropped_too_long, dataset.n_read, args.max_seq_len)
+    return Setup(args, base, precision, tokenizer, dataset, targets)
+
+
+# ---------------------------------------------------------------- fit
+
+
+def _peak_memory_bytes(rss_before: int) -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    # ru_maxrss is KiB on Linux: the process's high-water mark, less what it
+    # held before the model was loaded.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+
+
+def _to_tensors(batch: data_mod.Batch, device: str) -> dict:
+    return {
+        "input_ids": torch.tensor(batch.input_ids, device=device),
+        "labels": torch.tensor(batch.labels, device=device),
+        "position_ids": torch.tensor(batch.position_ids, device=device),
+    }
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list[data_mod.Example], *, batch_size: int, max_seq_len: int,
+              pad_id: int, device: str) -> float | None:
+    """Token-weighted mean loss over the target tokens."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in data_mod.batches(examples, batch_size=batch_size, max_seq_len=max_seq_len,
+                                  packing=False, pad_id=pad_id, rng=random.Random(0)):
+        t = _to_tensors(batch, device)
+        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"]).logits.float()
+        # [batch, seq, vocab] predicts the next token: shift by one
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), t["labels"][:, 1:].reshape(-1),
+            ignore_index=data_mod.IGNORE, reduction="sum")
+        total += loss.item()
+        count += int((t["labels"][:, 1:] != data_mod.IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _optimizer(params, args: FitArgs, precision: Precision):
+    if precision.load_4bit and precision.device == "cuda":
+        import bitsandbytes as bnb
+
+        # Paged 8-bit AdamW: states in 8 bits, paged to host RAM under pressure (QLoRA paper).
+        return bnb.optim.PagedAdamW8bit(params, lr=args.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+def fit(s: Setup, *, progress: bool = True) -> FitResult:
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    args, out_dir = s.args, s.args.out_dir
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+    model = load_base(s.base, s.precision, skip_modules=bnb_skip_modules(args.recipe))
+    if s.precision.load_4bit:
+        from trainer.qlora import prepare_4bit
+
+        model = prepare_4bit(model, s.precision)
+    model = get_peft_model(model, lora_config(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=s.targets))
+    if s.precision.load_4bit:
+        from trainer.qlora import init_adapter
+
+        init_adapter(model, s.base, args.recipe)
+    model.train()
+
+    pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else s.tokenizer.eos_token_id
+    n_batches = math.ceil(len(s.dataset.train) / args.batch_size) if not args.packing else None
+    if n_batches is None:  # packing: count rows once with a fixed RNG
+        n_batches = sum(1 for _ in data_mod.batches(s.dataset.train, batch_size=args.batch_size,
+                                                    max_seq_len=args.max_seq_len, packing=True,
+                                                    pad_id=pad_id, rng=random.Random(0)))
+    steps_per_epoch = math.ceil(n_batches / args.grad_accum)
+    total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, args, s.precision)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(total_steps * args.warmup_ratio), total_steps)
+
+    step, tokens_seen, train_time = 0, 0, 0.0
+    losses: list[float] = []
+    ckpt = out_dir / CHECKPOINT
+    if args.resume:
+        state = torch.load(ckpt / "state.pt", weights_only=False)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, tokens_seen, train_time, losses = state["step"], state["tokens"], state["time"], state["losses"]
+        torch.set_rng_state(state["torch_rng"])
+        logger.info("resumed at step %d/%d", step, total_steps)
+    else:
+        if out_dir.exists():  # --overwrite, checked in validate_args
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+
+    def save_checkpoint() -> None:
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        tmp = out_dir / (CHECKPOINT + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()},
+                  tmp / "adapter.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "tokens": tokens_seen, "time": train_time, "losses": losses,
+                    "torch_rng": torch.get_rng_state(), "args": _jsonable(asdict(args))}, tmp / "state.pt")
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+
+    log = (out_dir / METRICS_LOG).open("a")
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    interrupted = False
+    try:
+        epoch = step // steps_per_epoch
+        while step < total_steps:
+            rng = random.Random(args.seed * 1000 + epoch)  # same order on resume
+            batch_iter = data_mod.batches(s.dataset.train, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                                          packing=args.packing, pad_id=pad_id, rng=rng)
+            skip = (step - epoch * steps_per_epoch) * args.grad_accum
+            micro = 0
+            accum_loss, accum_tokens, t0 = 0.0, 0, time.perf_counter()
+            for i, batch in enumerate(batch_iter):
+                if i < skip:
+                    continue
+                t = _to_tensors(batch, s.precision.device)
+                out = model(**t)
+                (out.loss / args.grad_accum).backward()
+                accum_loss += out.loss.item() / args.grad_accum
+                accum_tokens += batch.n_tokens
+                micro += 1
+                if micro % args.grad_accum:
+                    continue
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.perf_counter() - t0
+                train_time += dt
+                tokens_seen += accum_tokens
+                losses.append(accum_loss)
+                tps = accum_tokens / dt if dt else 0.0
+                bar.set_postfix(loss=f"{accum_loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+                bar.update()
+                if step % args.log_every == 0:
+                    log.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                          "loss": round(accum_loss, 5), "lr": scheduler.get_last_lr()[0],
+                                          "tokens_per_s": round(tps, 1), "elapsed_s": round(train_time, 2)}) + "\n")
+                    log.flush()
+                if args.save_every and step % args.save_every == 0:
+                    save_checkpoint()
+                accum_loss, accum_tokens, t0 = 0.0, 0, time.perf_counter()
+                if step >= total_steps:
+                    break
+            epoch += 1
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    if interrupted:
+        # A second Ctrl-C while saving would leave a half-written checkpoint.tmp,
+        # never a broken checkpoint/: the rename is the commit.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        save_checkpoint()
+        log.close()
+        raise KeyboardInterrupt(f"interrupted at step {step}/{total_steps}; checkpoint saved in {ckpt} "
+                                f"(continue with --resume)")
+
+    pad = pad_id
+    train_loss = eval_loss(model, s.dataset.train[:256], batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                           pad_id=pad, device=s.precision.device)
+    ev_loss = eval_loss(model, s.dataset.eval, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                        pad_id=pad, device=s.precision.device)
+    peak = _peak_memory_bytes(rss_before)
+    log.write(json.dumps({"step": step, "train_loss": train_loss, "eval_loss": ev_loss}) + "\n")
+    log.close()
+
+    from trainer.plan import plan as make_plan
+
+    # Plan for the widest batch this data actually makes (rows are padded to
+    # the longest example in their batch, not to --max-seq-len).
+    widest = args.max_seq_len if args.packing else max(len(e.input_ids) for e in s.dataset.train)
+    planned = make_plan(s.base.config, r=args.r, targets=s.targets, batch_size=args.batch_size,
+                        seq_len=widest, load_4bit=args.load_4bit,
+                        compute_dtype=s.precision.compute_dtype, device=s.precision.device)
+    metrics = {
+        "train_loss": train_loss,
+        "train_perplexity": math.exp(train_loss) if train_loss is not None else None,
+        "eval_loss": ev_loss,
+        "eval_perplexity": math.exp(ev_loss) if ev_loss is not None else None,
+        "first_step_loss": losses[0] if losses else None,
+        "steps": step,
+        "tokens": tokens_seen,
+        "train_seconds": round(train_time, 2),
+        "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else None,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_rss_delta",
+        "planned_memory_bytes": planned.mode("qlora" if args.load_4bit else "lora").total,
+    }
+    manifest = save(model, s, metrics)
+    return FitResult(out_dir, manifest, losses)
+
+
+# ---------------------------------------------------------------- save
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k != "recipe"}
+
+
+def save(model, s: Setup, metrics: dict) -> dict:
+    """Write adapter + manifest to a temp dir, check it, then move it into place."""
+    args, out_dir = s.args, s.args.out_dir
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out_dir))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        config = json.loads((tmp / "adapter_config.json").read_text())
+        # The rule book the server applies at upload: never write what it would refuse.
+        ensure_servable(config, architecture=s.base.architecture)
+        from trainer.base import tokenizer_hash
+
+        manifest = {
+            "format": "loraplex-adapter/1",
+            "name": args.adapter_name,
+            "base": {"name": s.base.name, "fingerprint": s.base.fingerprint, "architecture": s.base.architecture},
+            "tokenizer": {"hash": tokenizer_hash(s.tokenizer), "chat_template": s.tokenizer.chat_template},
+            "training": {
+                "args": _jsonable(asdict(args)),
+                "precision": s.precision.label,
+                "device": s.precision.device,
+                "data": {"path": str(args.data_path), "format": s.dataset.format, "examples_read": s.dataset.n_read,
+                         "train_examples": len(s.dataset.train), "eval_examples": len(s.dataset.eval),
+                         "dropped_too_long": s.dataset.n_dropped_too_long},
+                "qlora_recipe": args.recipe.as_dict() if args.load_4bit else None,
+            },
+            "metrics": metrics,
+            "created_unix": int(time.time()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        for f in tmp.iterdir():
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out_dir / CHECKPOINT, ignore_errors=True)
+    return manifest
+
+
+def run(args: FitArgs, *, progress: bool = True) -> FitResult:
+    """Setup, fit, evaluate, save. Leaves no output directory behind on bad input."""
+    s = setup(args)
+    created = not args.out_dir.exists()
+    try:
+        return fit(s, progress=progress)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        if created and not args.resume and not (args.out_dir / CHECKPOINT).exists():
+            shutil.rmtree(args.out_dir, ignore_errors=True)
+        raise
+
+
+__all__ = ["FitArgs", "FitError", "FitResult", "run", "setup", "fit", "IncompatibleAdapter", "Violation"]
