@@ -48,7 +48,7 @@ def fit(
     dropout: Annotated[float, Opt(help="LoRA dropout on the adapter input.")] = 0.05,
     targets: Annotated[str, Opt(help="'all-linear' or comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.")] = "all-linear",
     load_4bit: Annotated[bool, Opt("--4bit", help="QLoRA: NF4 base with double quant, paged 8-bit AdamW on CUDA.")] = False,
-    epochs: Annotated[float, Opt(help="Passes over the training data (fractions allowed).")] = 2.0,
+    epochs: Annotated[float, Opt(help="Passes over the training data (fractions allowed).")] = 1.0,
     lr: Annotated[Optional[float], Opt(help="Peak learning rate (cosine decay, 3% warmup). Default 2e-4; with --4bit the recipe's.")] = None,
     batch_size: Annotated[int, Opt(help="Sequences per micro-batch.")] = 8,
     grad_accum: Annotated[int, Opt(help="Micro-batches per optimizer step.")] = 1,

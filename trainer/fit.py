@@ -59,7 +59,7 @@ class FitArgs:
     """`all-linear` or a comma list (q_proj,v_proj,...)."""
     load_4bit: bool = False
     """QLoRA: NF4 base with double quant; LoftQ-initialised adapter (see qlora.py)."""
-    epochs: float = 2.0
+    epochs: float = 1.0
     lr: float = 2e-4
     batch_size: int = 8
     grad_accum: int = 1
@@ -253,10 +253,6 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
 
         model = prepare_4bit(model, s.precision)
     model = get_peft_model(model, lora_config(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=s.targets))
-    if s.precision.load_4bit:
-        from trainer.qlora import init_adapter
-
-        init_adapter(model, s.base, args.recipe)
     model.train()
 
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else s.tokenizer.eos_token_id

@@ -15,9 +15,6 @@ logger = logging.getLogger(__name__)
 class QLoRARecipe:
     lr: float = 2e-4
     """Peak learning rate used when --lr is not given."""
-    loftq: bool = False
-    """Initialise A, B so that NF4(W) + B@A approximates W (PEFT's replace_lora_weights_loftq)."""
-    loftq_iter: int = 1
     keep_16bit: tuple[str, ...] = ()
     """Module-name suffixes left unquantized (bitsandbytes' skip list)."""
 
@@ -38,11 +35,3 @@ def prepare_4bit(model, precision):
     # Gradient checkpointing trades compute for activation memory; on CPU the
     # activations are small next to host RAM and the recompute costs ~30%.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.device == "cuda")
-
-
-def init_adapter(peft_model, base, recipe: QLoRARecipe) -> None:
-    if recipe.loftq:
-        from peft import replace_lora_weights_loftq
-
-        for _ in range(recipe.loftq_iter):
-            replace_lora_weights_loftq(peft_model, model_path=str(base.path))
