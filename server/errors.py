@@ -1,0 +1,66 @@
+"""Typed service errors. Fronts map them to HTTP + OpenAI error bodies and to gRPC
+status codes in one place each; nothing decides a status by matching text."""
+
+from __future__ import annotations
+
+
+class LoraplexError(Exception):
+    """Base of every error a client can cause. ``field`` names the request field at fault."""
+
+    type: str = "invalid_request_error"
+    code: str = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+class InvalidArgument(LoraplexError):
+    code = "invalid_argument"
+
+
+class AdapterRejected(InvalidArgument):
+    """An upload vLLM could not serve (compat rules, bad files, another base). Nothing was kept."""
+
+    code = "adapter_rejected"
+
+
+class NotFound(LoraplexError):
+    """Unknown model or adapter -- and, with the same message, another tenant's adapter."""
+
+    code = "model_not_found"
+
+
+class Conflict(LoraplexError):
+    code = "conflict"
+
+
+class Unauthenticated(LoraplexError):
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(LoraplexError):
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimited(LoraplexError):
+    """Request rate or quota exceeded; retry after ``retry_after`` seconds (None: not by waiting)."""
+
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, field: str | None = None):
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    code = "quota_exceeded"
+
+
+class EngineNotReady(LoraplexError):
+    type = "server_error"
+    code = "engine_not_ready"
