@@ -1,0 +1,145 @@
+"""Tenants and their API keys, in the registry database.
+
+A key is shown once, when the tenant is created, and never stored: the table
+keeps only its sha256. Keys are 256 random bits, so a fast hash is enough (no
+one can brute-force 2**256 candidates; GitHub stores its tokens the same way);
+a slow password hash would only make every request slower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from server.adapters.compat import VLLM_RANKS
+from server.db import Database
+from server.errors import Conflict, InvalidArgument, NotFound
+
+KEY_PREFIX = "lpx_"
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class Role(StrEnum):
+    ADMIN = "admin"
+    """Manages tenants and every tenant's adapters; not rate limited."""
+    TENANT = "tenant"
+    """Uploads and serves its own adapters only."""
+
+
+@dataclass(frozen=True)
+class Quotas:
+    max_adapters: int = 100
+    """Active adapters the tenant may hold at once."""
+    max_rank: int = 64
+    """Highest LoRA rank the tenant may upload (one of vLLM's ranks)."""
+    requests_per_minute: int = 600
+    """Sustained inference request rate; a full minute's worth may come as one burst."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_adapters", "max_rank", "requests_per_minute"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise InvalidArgument(f"`{name}` must be a positive integer; got {value!r}", field=name)
+        if self.max_rank not in VLLM_RANKS:
+            raise InvalidArgument(f"`max_rank` must be one of {', '.join(map(str, VLLM_RANKS))} "
+                                  f"(vLLM accepts no other ranks); got {self.max_rank}", field="max_rank")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request comes from, once its key checked out."""
+
+    tenant: str
+    role: Role
+    quotas: Quotas = field(default_factory=Quotas)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role is Role.ADMIN
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    name: str
+    role: Role
+    quotas: Quotas
+    created_at: float
+    revoked: bool
+    key_prefix: str
+    """The key's first characters (``lpx_`` + 4), enough to tell which key a tenant holds."""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def validate_tenant_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidArgument(f"tenant name {name!r} is invalid: use 1-63 characters of a-z, 0-9, '_' or '-', "
+                              "starting with a letter or digit", field="name")
+
+
+class TenantStore:
+    """CRUD over the ``tenants`` table. ``generation`` goes up on every write, so a
+    cache of principals (see :class:`server.tenants.auth.Authenticator`) knows when it is stale."""
+
+    def __init__(self, db: Database):
+        self._db = db
+        self.generation = 0
+
+    def create(self, name: str, role: Role = Role.TENANT, quotas: Quotas = Quotas()) -> str:
+        """Add a tenant and return its API key. This is the only time the key exists outside the caller."""
+        validate_tenant_name(name)
+        role = Role(role)
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        with self._db.transaction() as conn:
+            if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"tenant {name!r} already exists", field="name")
+            conn.execute(
+                "INSERT INTO tenants (name, role, key_hash, key_prefix, max_adapters, max_rank, requests_per_minute,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, role.value, hash_key(key), key[:8], quotas.max_adapters, quotas.max_rank,
+                 quotas.requests_per_minute, time.time()))
+            self.generation += 1  # under the database lock, so concurrent writers can't lose a bump
+        return key
+
+    def get(self, name: str) -> TenantInfo:
+        row = self._db.query_one("SELECT * FROM tenants WHERE name = ?", (name,))
+        if row is None:
+            raise NotFound(f"tenant {name!r} does not exist", field="name")
+        return _info(row)
+
+    def list(self) -> list[TenantInfo]:
+        return [_info(row) for row in self._db.query("SELECT * FROM tenants ORDER BY name")]
+
+    def revoke(self, name: str) -> None:
+        """The tenant's key stops authenticating at once. Its adapters stay (an admin can still manage them)."""
+        self._update(name, "UPDATE tenants SET revoked_at = COALESCE(revoked_at, ?) WHERE name = ?", (time.time(),))
+
+    def set_quotas(self, name: str, quotas: Quotas) -> None:
+        self._update(name, "UPDATE tenants SET max_adapters = ?, max_rank = ?, requests_per_minute = ? WHERE name = ?",
+                     (quotas.max_adapters, quotas.max_rank, quotas.requests_per_minute))
+
+    def principal_for(self, key_hash: str) -> Principal | None:
+        """The live (not revoked) tenant holding the key with this hash, or None."""
+        row = self._db.query_one("SELECT * FROM tenants WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+        return None if row is None else Principal(row["name"], Role(row["role"]), _quotas(row))
+
+    def _update(self, name: str, sql: str, params: tuple) -> None:
+        with self._db.transaction() as conn:
+            if conn.execute(sql, (*params, name)).rowcount == 0:
+                raise NotFound(f"tenant {name!r} does not exist", field="name")
+            self.generation += 1
+
+
+def _quotas(row) -> Quotas:
+    return Quotas(row["max_adapters"], row["max_rank"], row["requests_per_minute"])
+
+
+def _info(row) -> TenantInfo:
+    return TenantInfo(row["name"], Role(row["role"]), _quotas(row), row["created_at"],
+                      row["revoked_at"] is not None, row["key_prefix"])
