@@ -1,0 +1,194 @@
+"""Which adapters exist: per tenant, by name, versioned, in the registry database.
+
+A tenant's adapter ``name`` has one ACTIVE version, the one requests get.
+Replacing it adds version n+1 and marks n RETIRED; a retired row stays until
+the engine has drained requests still using it (:meth:`retired`, then
+:meth:`forget`), so its blob is not garbage-collected under them.
+
+The hot path must not query SQLite per request: :attr:`generation` goes up on
+every write, so a caller keeps :meth:`snapshot` and refreshes it only when the
+generation moved (read ``generation`` *before* taking the snapshot).
+
+Lookups are always by (caller's tenant, name): another tenant's adapter is
+indistinguishable from a missing one, down to the error message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace as _replace
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from server.db import Database
+from server.errors import Conflict, InvalidArgument, NotFound, QuotaExceeded
+
+if TYPE_CHECKING:
+    from server.adapters.upload import AdapterInfo
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class AdapterStatus(StrEnum):
+    ACTIVE = "active"
+    """The version requests for the name are served with."""
+    RETIRED = "retired"
+    """Replaced by a newer version; kept until in-flight requests drain."""
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    tenant: str
+    name: str
+    version: int
+    digest: str
+    rank: int
+    size_bytes: int
+    target_modules: tuple[str, ...]
+    base_fingerprint: str | None
+    pinned: bool
+    """Kept resident on the GPU, never evicted."""
+    created_at: float
+    status: AdapterStatus
+
+    @property
+    def key(self) -> str:
+        """Unique across tenants and versions: ``tenant/name@version``."""
+        return f"{self.tenant}/{self.name}@{self.version}"
+
+
+def validate_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise InvalidArgument(f"adapter name {name!r} is invalid: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' "
+                              "or '-', starting with a letter or digit, without '..'", field="name")
+
+
+def not_found(name: str) -> NotFound:
+    """The one message for a missing adapter and for another tenant's (OpenAI's wording)."""
+    return NotFound(f"The model `{name}` does not exist.", field="model")
+
+
+class AdapterRegistry:
+    def __init__(self, db: Database):
+        self._db = db
+        self.generation = 0
+
+    def add(self, tenant: str, name: str, digest: str, info: AdapterInfo, *, max_adapters: int) -> AdapterRecord:
+        """Register version 1 of a new adapter name for ``tenant``."""
+        validate_name(name)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is None:
+                raise NotFound(f"tenant {tenant!r} does not exist", field="tenant")
+            if _active(conn, tenant, name) is not None:
+                raise Conflict(f"adapter `{name}` already exists; replace it to upload a new version", field="name")
+            count = conn.execute("SELECT COUNT(*) FROM adapters WHERE tenant = ? AND status = 'active'",
+                                 (tenant,)).fetchone()[0]
+            if count >= max_adapters:
+                raise QuotaExceeded(f"tenant {tenant!r} already has {count} adapters, its limit is {max_adapters}; "
+                                    "delete one first", retry_after=None, field="name")
+            return _insert(conn, tenant, name, 1, digest, info, pinned=False)
+
+    def replace(self, tenant: str, name: str, digest: str, info: AdapterInfo) -> tuple[AdapterRecord, AdapterRecord]:
+        """Make a new version ACTIVE and the current one RETIRED; returns ``(new, old)``. Pinning carries over."""
+        with self._write() as conn:
+            old = _active(conn, tenant, name)
+            if old is None:
+                raise not_found(name)
+            conn.execute("UPDATE adapters SET status = 'retired' WHERE tenant = ? AND name = ? AND version = ?",
+                         (tenant, name, old.version))
+            version = conn.execute("SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?",
+                                   (tenant, name)).fetchone()[0] + 1
+            new = _insert(conn, tenant, name, version, digest, info, pinned=old.pinned)
+        return new, _replace(old, status=AdapterStatus.RETIRED)
+
+    def get(self, tenant: str, name: str) -> AdapterRecord:
+        """The ACTIVE version of ``tenant``'s adapter ``name``."""
+        row = self._db.query_one("SELECT * FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
+                                 (tenant, name))
+        if row is None:
+            raise not_found(name)
+        return _record(row)
+
+    def list(self, tenant: str) -> list[AdapterRecord]:
+        """``tenant``'s ACTIVE adapters, by name."""
+        rows = self._db.query("SELECT * FROM adapters WHERE tenant = ? AND status = 'active' ORDER BY name", (tenant,))
+        return [_record(r) for r in rows]
+
+    def list_all(self) -> list[AdapterRecord]:
+        """Every tenant's ACTIVE adapters, by tenant then name."""
+        rows = self._db.query("SELECT * FROM adapters WHERE status = 'active' ORDER BY tenant, name")
+        return [_record(r) for r in rows]
+
+    def delete(self, tenant: str, name: str) -> list[AdapterRecord]:
+        """Remove every version of an adapter; returns them so the engine can unload each."""
+        with self._write() as conn:
+            records = [_record(r) for r in conn.execute(
+                "SELECT * FROM adapters WHERE tenant = ? AND name = ? ORDER BY version", (tenant, name))]
+            if not any(r.status is AdapterStatus.ACTIVE for r in records):
+                raise not_found(name)
+            conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ?", (tenant, name))
+        return records
+
+    def set_pinned(self, tenant: str, name: str, pinned: bool) -> AdapterRecord:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE adapters SET pinned = ? WHERE tenant = ? AND name = ? AND status = 'active'",
+                               (int(pinned), tenant, name))
+            if cur.rowcount == 0:
+                raise not_found(name)
+            return _active(conn, tenant, name)
+
+    def retired(self) -> list[AdapterRecord]:
+        """Replaced versions not yet forgotten, oldest first."""
+        rows = self._db.query("SELECT * FROM adapters WHERE status = 'retired' ORDER BY created_at, tenant, name")
+        return [_record(r) for r in rows]
+
+    def forget(self, record: AdapterRecord) -> None:
+        """Drop a RETIRED row once nothing uses it any more (its blob becomes garbage if unshared)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ? AND status = 'retired'",
+                         (record.tenant, record.name, record.version))
+
+    def live_digests(self) -> set[str]:
+        """Blobs some row (ACTIVE or RETIRED) still refers to: everything else in the store is garbage."""
+        return {r[0] for r in self._db.query("SELECT DISTINCT digest FROM adapters")}
+
+    def snapshot(self) -> dict[tuple[str, str], AdapterRecord]:
+        """Every ACTIVE adapter by (tenant, name), for a cache refreshed when :attr:`generation` moves."""
+        return {(r.tenant, r.name): r for r in self.list_all()}
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._db.transaction() as conn:
+            yield conn
+            self.generation += 1  # under the database lock; only reached if the block did not raise
+
+
+def _active(conn: sqlite3.Connection, tenant: str, name: str) -> AdapterRecord | None:
+    row = conn.execute("SELECT * FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
+                       (tenant, name)).fetchone()
+    return None if row is None else _record(row)
+
+
+def _insert(conn: sqlite3.Connection, tenant: str, name: str, version: int, digest: str, info: AdapterInfo,
+            *, pinned: bool) -> AdapterRecord:
+    record = AdapterRecord(tenant, name, version, digest, info.rank, info.size_bytes, tuple(info.target_modules),
+                           info.base_fingerprint, pinned, time.time(), AdapterStatus.ACTIVE)
+    conn.execute(
+        "INSERT INTO adapters (tenant, name, version, digest, rank, size_bytes, target_modules, base_fingerprint,"
+        " pinned, created_at, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (tenant, name, version, digest, record.rank, record.size_bytes, json.dumps(list(record.target_modules)),
+         record.base_fingerprint, int(pinned), record.created_at, record.status.value))
+    return record
+
+
+def _record(row: sqlite3.Row) -> AdapterRecord:
+    return AdapterRecord(
+        row["tenant"], row["name"], row["version"], row["digest"], row["rank"], row["size_bytes"],
+        tuple(json.loads(row["target_modules"])), row["base_fingerprint"], bool(row["pinned"]),
+        row["created_at"], AdapterStatus(row["status"]),
+    )

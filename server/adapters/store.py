@@ -1,0 +1,137 @@
+"""Adapter files on disk, content-addressed: ``<data_dir>/adapters/sha256/<digest>/``.
+
+An upload is unpacked into a fresh directory under ``.staging/`` (same
+filesystem), checked, and only then renamed into place, so a blob directory is
+either complete or absent -- never half-written. The digest covers every file
+(sha256 over the sorted ``name``/``sha256(bytes)`` pairs), so two tenants
+uploading the same adapter share one copy, and the engine may cache by digest.
+
+The registry (not this store) knows which blobs are referenced; :meth:`gc`
+takes that set and removes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1 << 20
+
+
+def digest_dir(path: Path) -> str:
+    """sha256 over ``name \\0 sha256(file) \\n`` for each regular file, sorted by name."""
+    outer = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        inner = hashlib.sha256()
+        with f.open("rb") as fh:
+            while chunk := fh.read(_CHUNK):
+                inner.update(chunk)
+        outer.update(f"{f.name}\0{inner.hexdigest()}\n".encode())
+    return outer.hexdigest()
+
+
+class AdapterStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._blobs = self.root / "sha256"
+        self._staging = self.root / ".staging"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self._staging.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def staging_dir(self) -> Iterator[Path]:
+        """A fresh empty directory to unpack into; removed on exit unless :meth:`put` moved it."""
+        path = Path(tempfile.mkdtemp(prefix="upload-", dir=self._staging))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def put(self, staging_dir: Path) -> tuple[str, Path]:
+        """Move a staged adapter into the store; returns ``(digest, path)``. An identical blob
+        already there is reused and the staged copy deleted."""
+        staging_dir = Path(staging_dir)
+        if staging_dir.resolve().parent != self._staging.resolve():
+            raise ValueError(f"{staging_dir} is not a staging directory of {self.root}")
+        digest = digest_dir(staging_dir)
+        final = self._blobs / digest
+        if not final.exists():
+            try:
+                os.rename(staging_dir, final)  # atomic on one filesystem; fails if another put won the race
+                _fsync_dir(self._blobs)
+                logger.info("stored adapter blob %s", digest)
+                return digest, final
+            except OSError:
+                if not final.is_dir():
+                    raise
+        shutil.rmtree(staging_dir, ignore_errors=True)
+        os.utime(final)  # fresh again: gc's grace period protects it until the registry refers to it
+        logger.info("adapter blob %s already stored; reusing it", digest)
+        return digest, final
+
+    def path(self, digest: str) -> Path:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a sha256 hex digest: {digest!r}")
+        return self._blobs / digest
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_dir()
+
+    def size_bytes(self, digest: str) -> int:
+        return sum(f.stat().st_size for f in self.path(digest).iterdir() if f.is_file())
+
+    def digests(self) -> set[str]:
+        return {p.name for p in self._blobs.iterdir() if _DIGEST.fullmatch(p.name)}
+
+    def delete(self, digest: str) -> bool:
+        """Remove a blob; False if it was not there. The directory leaves ``sha256/`` in one rename."""
+        path = self.path(digest)
+        trash = self._staging / f"delete-{digest}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info("deleted adapter blob %s", digest)
+        return True
+
+    def gc(self, live_digests: set[str], *, grace_s: float = 300.0, staging_grace_s: float = 3600.0) -> list[str]:
+        """Delete blobs not in ``live_digests`` that are older than ``grace_s``, and staging
+        leftovers (of a crash) older than ``staging_grace_s``. Returns the deleted digests.
+
+        The grace period covers the moment between :meth:`put` and the registry
+        row that will refer to the blob."""
+        now = time.time()
+        removed = []
+        for digest in sorted(self.digests() - set(live_digests)):
+            if _age(self.path(digest), now) >= grace_s and self.delete(digest):
+                removed.append(digest)
+        for leftover in self._staging.iterdir():
+            if _age(leftover, now) >= staging_grace_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        return removed
+
+
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.stat().st_mtime
+    except FileNotFoundError:  # removed meanwhile
+        return -1.0
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
