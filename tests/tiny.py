@@ -83,3 +83,22 @@ def make_dataset(path: Path, n: int = 48, *, fmt: str = "chat", seed: int = 0) -
             rows.append({"text": f"{q} = {a}"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def make_adapter(base: Path, out: Path, *, r: int = 8, seed: int = 1, targets=("q_proj", "k_proj", "v_proj", "o_proj",
+                 "gate_proj", "up_proj", "down_proj"), scale: float = 0.5, **config) -> Path:
+    """A random (untrained) PEFT LoRA whose output differs visibly from the base's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False, **config)
+    peft_model = get_peft_model(model, cfg)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, scale / r ** 0.5)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -22,3 +22,69 @@ def vllm_greedy(llm, prompts: list[str], lora=None, max_tokens: int = 12) -> lis
     outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), lora_request=lora,
                         use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
+
+
+# ---------------------------------------------------------------- the real server
+
+
+class Cluster:
+    """One running server plus the keys and adapter directories the tests use."""
+
+    def __init__(self, server, keys: dict[str, str], adapters: dict[str, "Path"], base: "Path"):
+        self.server, self.keys, self.adapters, self.base = server, keys, adapters, base
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def client(self, tenant: str):
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=self.keys[tenant], max_retries=0, timeout=120)
+
+    def http(self, tenant: str | None = None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def upload(self, tenant: str, name: str, adapter: str, *, method: str = "POST"):
+        d = self.adapters[adapter]
+        files = [("files", (f.name, f.read_bytes())) for f in sorted(d.iterdir()) if f.is_file()]
+        with self.http(tenant) as h:
+            if method == "POST":
+                return h.post("/v1/adapters", data={"name": name}, files=files)
+            return h.put(f"/v1/adapters/{name}", files=files)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_base, tmp_path_factory) -> dict:
+    from tests.tiny import make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(tiny_base, root / name, seed=seed, r=r)
+            for name, seed, r in (("a1", 1, 8), ("a2", 2, 8), ("a3", 3, 8), ("a4", 4, 16))}
+
+
+def _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, *extra: str, name: str) -> Cluster:
+    from tests.integration.server_proc import ServerProcess, create_tenant
+
+    data = tmp_path_factory.mktemp(f"{name}-data")
+    keys = {
+        "admin": create_tenant(data, "admin", "--admin"),
+        "alice": create_tenant(data, "alice"),
+        "bob": create_tenant(data, "bob"),
+        "carol": create_tenant(data, "carol", "--rpm", "3"),
+        "dave": create_tenant(data, "dave", "--max-adapters", "1", "--max-rank", "8"),
+    }
+    log = tmp_path_factory.mktemp("logs") / f"{name}.log"
+    server = ServerProcess(tiny_base, data, *extra, log=log).start()
+    return Cluster(server, keys, adapter_dirs, tiny_base)
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_base, adapter_dirs, tmp_path_factory):
+    c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
+                       name="main")
+    yield c
+    c.server.stop()

@@ -1,0 +1,192 @@
+"""Which adapters are loaded in the engine, and which leave when memory runs short.
+
+Two tiers, as in S-LoRA: vLLM holds up to ``max_loras`` adapters in GPU slots
+for the running batch and swaps them in from its host-memory tier by itself.
+This module owns the host tier: it decides what is *added* to the engine, keeps
+it under a byte budget (``--adapter-cache-bytes``) and ``max_cpu_loras``
+entries, and evicts the least recently used adapter that is neither pinned nor
+serving a request.
+
+- A request for an adapter not in the engine triggers a load; concurrent
+  requests for the same cold adapter share that one load (single flight).
+- Every request holds a reference for its whole life; an adapter with
+  references is never evicted, and a retired version (after a hot replace or
+  delete) leaves the engine only once its last in-flight request finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from server.errors import LoraplexError
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterCacheFull(LoraplexError):
+    """Every loaded adapter is pinned or busy and the new one does not fit."""
+
+    type = "server_error"
+    code = "adapter_cache_full"
+
+
+class Residency(enum.StrEnum):
+    LOADING = "loading"
+    LOADED = "loaded"
+    DRAINING = "draining"  # retired or deleted; leaves the engine when its last request ends
+
+
+@dataclass
+class Entry:
+    key: str
+    """Unique per adapter *version*: tenant/name@version."""
+    lora_id: int
+    path: str
+    size_bytes: int
+    state: Residency = Residency.LOADING
+    pinned: bool = False
+    refs: int = 0
+    loaded: asyncio.Future | None = None
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def lora_name(self) -> str:
+        # Unique per version: vLLM keys prefix-cache blocks by LoRA, so a replaced
+        # adapter can never be served the old version's cached KV.
+        return self.key
+
+
+class Events:
+    """Hooks for metrics; the default does nothing."""
+
+    def hit(self, key: str) -> None: ...
+    def miss(self, key: str) -> None: ...
+    def loaded(self, key: str, seconds: float) -> None: ...
+    def evicted(self, key: str) -> None: ...
+
+
+class ResidencyManager:
+    def __init__(self, engine, *, budget_bytes: int, max_entries: int, events: Events | None = None):
+        self.engine = engine
+        self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
+        self.events = events or Events()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()  # guards admission/eviction decisions, not the loads themselves
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.size_bytes for e in self._entries.values() if e.state is not Residency.DRAINING or e.refs)
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries.values())
+
+    def get(self, key: str) -> Entry | None:
+        return self._entries.get(key)
+
+    # ------------------------------------------------------------ request path
+
+    async def acquire(self, key: str, path: str, size_bytes: int, *, pinned: bool = False) -> Entry:
+        """Make sure the adapter version is in the engine and hold a reference to it."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.state is Residency.LOADED:
+            # Hot path: no lock, no await.
+            entry.refs += 1
+            entry.last_used = time.monotonic()
+            self._entries.move_to_end(key)
+            self.events.hit(key)
+            return entry
+        if entry is None or entry.state is Residency.DRAINING:
+            async with self._lock:
+                entry = self._entries.get(key)
+                if entry is None:
+                    self.events.miss(key)
+                    await self._make_room(size_bytes)
+                    entry = Entry(key, next(self._ids), path, size_bytes, pinned=pinned)
+                    entry.loaded = asyncio.get_running_loop().create_task(self._load(entry))
+                    self._entries[key] = entry
+        else:
+            self.events.hit(key)  # loading already: join it
+        entry.refs += 1
+        try:
+            await asyncio.shield(entry.loaded)
+        except BaseException:
+            entry.refs -= 1
+            raise
+        entry.last_used = time.monotonic()
+        self._entries.move_to_end(key)
+        return entry
+
+    def release(self, entry: Entry) -> None:
+        entry.refs -= 1
+        if entry.refs == 0 and entry.state is Residency.DRAINING:
+            asyncio.get_running_loop().create_task(self._unload(entry))
+
+    async def _load(self, entry: Entry) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self.engine.add_lora(entry.lora_name, entry.lora_id, entry.path)
+            if entry.pinned:
+                await self.engine.pin_lora(entry.lora_id)
+        except BaseException:
+            self._entries.pop(entry.key, None)
+            raise
+        entry.state = Residency.LOADED
+        self.events.loaded(entry.key, time.perf_counter() - t0)
+
+    async def _make_room(self, size_bytes: int) -> None:
+        """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock."""
+        def over() -> bool:
+            live = [e for e in self._entries.values()]
+            return (len(live) + 1 > self.max_entries
+                    or sum(e.size_bytes for e in live) + size_bytes > self.budget_bytes)
+
+        while over():
+            victim = next((e for e in self._entries.values()
+                           if e.state is Residency.LOADED and not e.pinned and e.refs == 0), None)
+            if victim is None:
+                raise AdapterCacheFull(
+                    f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
+                    "loaded adapter is pinned or serving requests; retry shortly or raise --adapter-cache-bytes")
+            await self._unload(victim)
+            self.events.evicted(victim.key)
+
+    async def _unload(self, entry: Entry) -> None:
+        if self._entries.get(entry.key) is entry:
+            del self._entries[entry.key]
+        try:
+            await self.engine.remove_lora(entry.lora_id)
+        except Exception:  # the engine may already have dropped it; nothing to keep
+            logger.warning("removing adapter %s from the engine failed", entry.key, exc_info=True)
+
+    # ------------------------------------------------------------ management
+
+    async def retire(self, key: str) -> None:
+        """Take a version out of service: immediately if idle, else after its last request."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.state = Residency.DRAINING
+        if entry.refs == 0:
+            if entry.loaded is not None and not entry.loaded.done():
+                await asyncio.shield(entry.loaded)
+            await self._unload(entry)
+
+    async def set_pinned(self, key: str, pinned: bool) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.pinned = pinned
+        if pinned and entry.state is Residency.LOADED:
+            await self.engine.pin_lora(entry.lora_id)
+        # vLLM has no unpin: an unpinned adapter becomes evictable here, and
+        # leaves vLLM's own caches when this manager removes it.

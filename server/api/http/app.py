@@ -1,0 +1,17 @@
+"""The FastAPI app: thin routers over one Service held in app.state."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from server.api.http import adapters, errors, models, openai
+from server.service import Service
+
+
+def create_app(service: Service) -> FastAPI:
+    app = FastAPI(title="loraplex", summary="One vLLM base, many tenants' LoRA adapters.")
+    app.state.service = service
+    errors.install(app)
+    for r in (openai.router, models.router, adapters.router):
+        app.include_router(r)
+    return app

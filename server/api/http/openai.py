@@ -1,0 +1,152 @@
+"""/v1/completions and /v1/chat/completions: OpenAI wire format over the service."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.http import deps
+from server.api.http.errors import body, error_response, status_of
+from server.api.http.protocol import ChatCompletionRequest, CompletionRequest
+from server.engine.types import Completion
+from server.errors import LoraplexError
+from server.service import Generation, Service, Usage
+from server.tenants.store import Principal
+
+router = APIRouter()
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _usage(u: Usage) -> dict:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+def _completion_logprobs(d: Completion, offset: int) -> dict | None:
+    if d.logprobs is None:
+        return None
+    tokens = [lp.token for lp in d.logprobs]
+    offsets, pos = [], offset
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in d.logprobs],
+            "top_logprobs": [lp.top for lp in d.logprobs], "text_offset": offsets}
+
+
+def _chat_logprobs(d: Completion) -> dict | None:
+    if d.logprobs is None:
+        return None
+    return {"content": [{"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token.encode()),
+                         "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
+                                          for t, v in lp.top.items()]} for lp in d.logprobs]}
+
+
+class _Run:
+    """Shared by both endpoints: one generation, streamed or collected."""
+
+    def __init__(self, service: Service, principal, gen: Generation, *, endpoint: str, chat: bool,
+                 include_usage: bool):
+        self.service, self.principal, self.gen = service, principal, gen
+        self.endpoint, self.chat, self.include_usage = endpoint, chat, include_usage
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.usage = Usage(prompt_tokens=len(gen.prompt_ids))
+
+    def _stream(self) -> AsyncIterator[Completion]:
+        return self.service.generate(self.principal, self.gen, protocol="http", endpoint=self.endpoint)
+
+    def _chunk(self, choices: list[dict], usage: Usage | None = None) -> dict:
+        obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+               "created": self.created, "model": self.gen.model, "choices": choices}
+        if self.include_usage:
+            obj["usage"] = _usage(usage) if usage else None
+        return obj
+
+    async def sse(self) -> AsyncIterator[str]:
+        offsets = [0] * self.gen.sampling.n
+        started = set()
+        try:
+            async for d in self._stream():
+                self.usage.completion_tokens += len(d.token_ids)
+                if self.chat:
+                    delta = {"content": d.text}
+                    if d.index not in started:
+                        started.add(d.index)
+                        delta = {"role": "assistant", **delta}
+                    choice = {"index": d.index, "delta": delta, "logprobs": _chat_logprobs(d),
+                              "finish_reason": d.finish_reason}
+                else:
+                    choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d, offsets[d.index]),
+                              "finish_reason": d.finish_reason}
+                    offsets[d.index] += len(d.text)
+                yield _sse(self._chunk([choice]))
+            if self.include_usage:
+                yield _sse(self._chunk([], self.usage))
+        except LoraplexError as exc:  # after the 200 went out: report in-band, as OpenAI does
+            yield _sse(body(exc.message, exc.type, exc.field, exc.code) | {"status": status_of(exc)})
+        yield _sse("[DONE]")
+
+    async def collect(self) -> dict:
+        n = self.gen.sampling.n
+        texts, finish, lps = [""] * n, [None] * n, [None] * n
+        async for d in self._stream():
+            self.usage.completion_tokens += len(d.token_ids)
+            if d.logprobs is not None:
+                if self.chat:
+                    lps[d.index] = lps[d.index] or {"content": []}
+                    lps[d.index]["content"] += _chat_logprobs(d)["content"]
+                else:
+                    part = _completion_logprobs(d, len(texts[d.index]))
+                    if lps[d.index] is None:
+                        lps[d.index] = part
+                    else:
+                        for k in part:
+                            lps[d.index][k] += part[k]
+            texts[d.index] += d.text
+            finish[d.index] = d.finish_reason or finish[d.index]
+        if self.chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lps[i],
+                        "finish_reason": finish[i]} for i in range(n)]
+        else:
+            choices = [{"index": i, "text": texts[i], "logprobs": lps[i], "finish_reason": finish[i]}
+                       for i in range(n)]
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
+                "created": self.created, "model": self.gen.model, "choices": choices, "usage": _usage(self.usage)}
+
+
+async def _respond(run: _Run, stream: bool):
+    if stream:
+        return StreamingResponse(run.sse(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    try:
+        return JSONResponse(await run.collect())
+    except LoraplexError as exc:
+        return error_response(exc)
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, principal: Principal = Depends(deps.principal),
+                      service: Service = Depends(deps.service)):
+    ids = list(req.prompt) if isinstance(req.prompt, list) else service.encode(req.prompt)
+    gen = service.prepare(principal, req.model, ids, req.sampling(req.logprobs), prompt_field="prompt")
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await _respond(_Run(service, principal, gen, endpoint="completions", chat=False,
+                               include_usage=include_usage), req.stream)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, principal: Principal = Depends(deps.principal),
+                           service: Service = Depends(deps.service)):
+    ids = service.render_chat([m.model_dump() for m in req.messages])
+    gen = service.prepare(principal, req.model, ids, req.sampling(), prompt_field="messages")
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return await _respond(_Run(service, principal, gen, endpoint="chat", chat=True,
+                               include_usage=include_usage), req.stream)

@@ -1,0 +1,85 @@
+"""Server settings: one typed model, read from flags, environment and a config file.
+
+Precedence (highest first): command-line flags (``--max-loras 8``), environment
+(``LORAPLEX_MAX_LORAS=8``), a TOML file (``--config server.toml`` or
+``LORAPLEX_CONFIG``), then the defaults below, which start on a 2-core, 24 GiB
+CPU host.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from server.adapters.compat import VLLM_RANKS
+
+
+def _default_data_dir() -> Path:
+    root = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(root) / "loraplex"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid", cli_kebab_case=True,
+                                      cli_prog_name="python -m server", cli_implicit_flags=True)
+
+    config: Path | None = None
+    """TOML file with any of these settings (flags and environment override it)."""
+    base: str = "smollm2-135m"
+    """Base model: 'smollm2-135m' (bundled) or a local Hugging Face model directory."""
+    served_name: str | None = None
+    """Name clients use for the base in `model=`; default: the base's name (directory name for a path)."""
+    quantization: str | None = None
+    """vLLM quantization method for the base (e.g. bitsandbytes, fp8); must be one the installed vLLM offers."""
+    dtype: str = "auto"
+    """Weights/activations dtype passed to vLLM (auto, bfloat16, float16, float32)."""
+    max_loras: int = Field(4, ge=1)
+    """Adapters in one batch (vLLM's GPU LoRA slots)."""
+    max_cpu_loras: int | None = Field(None, ge=1)
+    """Adapters kept loaded in the engine's host-memory tier; default max(64, max_loras)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank served; vLLM sizes every LoRA slot for it (memory grows linearly)."""
+    max_model_len: int = Field(2048, ge=16)
+    """Context length (prompt + completion tokens)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """GPU: fraction of device memory vLLM may use. Ignored on CPU (see kv_cache_bytes)."""
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20)
+    """KV cache size in bytes. Default on CPU: 1 GiB; on GPU: derived from gpu_memory_utilization."""
+    adapter_cache_bytes: int = Field(4 << 30, ge=1 << 20)
+    """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / compilation (faster start, slower decode)."""
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    """gRPC port (0: pick a free one); unset: no gRPC server."""
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    """Registry (SQLite) and the content-addressed adapter store live here."""
+    lora_roots: list[Path] = Field(default_factory=list)
+    """Server-side directories admins may load adapters from via /v1/load_lora_adapter."""
+    metrics_top_adapters: int = Field(20, ge=0)
+    """Per-adapter metric labels are kept for this many busiest adapters; the rest are 'other'."""
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = max(64, self.max_loras)
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.max_lora_rank not in VLLM_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM accepts no "
+                             f"other), got {self.max_lora_rank}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (CLI values are passed as init kwargs by load()), env, then the TOML file.
+        path = init_settings.init_kwargs.get("config") or os.environ.get("LORAPLEX_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)

