@@ -36,7 +36,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 240) -> "ServerProcess":
         argv = [sys.executable, "-m", "server", "--base", str(self.base), "--data-dir", str(self.data_dir),
-                "--port", str(self.port), "--dtype", "float32", "--max-model-len", "256",
+                "--port", str(self.port), "--served-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
                 "--kv-cache-bytes", str(64 << 20), "--max-lora-rank", "16", "--enforce-eager", *self.extra]
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,

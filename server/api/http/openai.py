@@ -53,9 +53,9 @@ class _Run:
     """Shared by both endpoints: one generation, streamed or collected."""
 
     def __init__(self, service: Service, principal, gen: Generation, *, endpoint: str, chat: bool,
-                 include_usage: bool):
+                 include_usage: bool, token_ids: bool = False):
         self.service, self.principal, self.gen = service, principal, gen
-        self.endpoint, self.chat, self.include_usage = endpoint, chat, include_usage
+        self.endpoint, self.chat, self.include_usage, self.token_ids = endpoint, chat, include_usage, token_ids
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.usage = Usage(prompt_tokens=len(gen.prompt_ids))
@@ -87,6 +87,8 @@ class _Run:
                     choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d, offsets[d.index]),
                               "finish_reason": d.finish_reason}
                     offsets[d.index] += len(d.text)
+                if self.token_ids:
+                    choice["token_ids"] = d.token_ids
                 yield _sse(self._chunk([choice]))
             if self.include_usage:
                 yield _sse(self._chunk([], self.usage))
@@ -96,9 +98,10 @@ class _Run:
 
     async def collect(self) -> dict:
         n = self.gen.sampling.n
-        texts, finish, lps = [""] * n, [None] * n, [None] * n
+        texts, finish, lps, ids = [""] * n, [None] * n, [None] * n, [[] for _ in range(n)]
         async for d in self._stream():
             self.usage.completion_tokens += len(d.token_ids)
+            ids[d.index] += d.token_ids
             if d.logprobs is not None:
                 if self.chat:
                     lps[d.index] = lps[d.index] or {"content": []}
@@ -118,6 +121,9 @@ class _Run:
         else:
             choices = [{"index": i, "text": texts[i], "logprobs": lps[i], "finish_reason": finish[i]}
                        for i in range(n)]
+        if self.token_ids:
+            for c, t in zip(choices, ids):
+                c["token_ids"] = t
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.gen.model, "choices": choices, "usage": _usage(self.usage)}
 
@@ -139,7 +145,7 @@ async def completions(req: CompletionRequest, principal: Principal = Depends(dep
     gen = service.prepare(principal, req.model, ids, req.sampling(req.logprobs), prompt_field="prompt")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(_Run(service, principal, gen, endpoint="completions", chat=False,
-                               include_usage=include_usage), req.stream)
+                               include_usage=include_usage, token_ids=req.return_token_ids), req.stream)
 
 
 @router.post("/v1/chat/completions")
@@ -149,4 +155,4 @@ async def chat_completions(req: ChatCompletionRequest, principal: Principal = De
     gen = service.prepare(principal, req.model, ids, req.sampling(), prompt_field="messages")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(_Run(service, principal, gen, endpoint="chat", chat=True,
-                               include_usage=include_usage), req.stream)
+                               include_usage=include_usage, token_ids=req.return_token_ids), req.stream)

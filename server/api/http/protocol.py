@@ -29,8 +29,10 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # vLLM extension, used by benchmarks: keep generating past EOS.
+    # vLLM extensions: keep generating past EOS (benchmarks); return the
+    # generated token ids with each choice (exact comparisons).
     ignore_eos: bool = False
+    return_token_ids: bool = False
 
     @field_validator("stop")
     @classmethod
