@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     """GPU: fraction of device memory vLLM may use. Ignored on CPU (see kv_cache_bytes)."""
     kv_cache_bytes: int | None = Field(None, ge=1 << 20)
     """KV cache size in bytes. Default on CPU: 1 GiB; on GPU: derived from gpu_memory_utilization."""
-    adapter_cache_bytes: int = Field(4 << 30, ge=1 << 20)
+    adapter_cache_bytes: int = Field(4 << 30, ge=1)
     """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
     enforce_eager: bool = False
     """Disable CUDA graphs / compilation (faster start, slower decode)."""

@@ -271,7 +271,7 @@ class Service:
             entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
                                                  pinned=True)
             self.residency.release(entry)
-        await self.residency.set_pinned(rec.key, pinned)
+        self.residency.set_pinned(rec.key, pinned)
         return rec
 
     def residency_of(self, rec: AdapterRecord) -> str:

@@ -135,8 +135,6 @@ class ResidencyManager:
         t0 = time.perf_counter()
         try:
             await self.engine.add_lora(entry.lora_name, entry.lora_id, entry.path)
-            if entry.pinned:
-                await self.engine.pin_lora(entry.lora_id)
         except BaseException:
             self._entries.pop(entry.key, None)
             raise
@@ -181,12 +179,13 @@ class ResidencyManager:
                 await asyncio.shield(entry.loaded)
             await self._unload(entry)
 
-    async def set_pinned(self, key: str, pinned: bool) -> None:
+    def set_pinned(self, key: str, pinned: bool) -> None:
         entry = self._entries.get(key)
         if entry is None:
             return
         entry.pinned = pinned
-        if pinned and entry.state is Residency.LOADED:
-            await self.engine.pin_lora(entry.lora_id)
-        # vLLM has no unpin: an unpinned adapter becomes evictable here, and
-        # leaves vLLM's own caches when this manager removes it.
+        # Deliberately not vLLM's pin_lora: it pins a *GPU slot* too, and with
+        # every slot pinned the engine dies on the next other adapter ("All
+        # items are pinned"). Pinning here means: never evicted from the host
+        # tier. vLLM itself never evicts from that tier, because this manager
+        # keeps it at or under max_cpu_loras entries.

@@ -150,8 +150,5 @@ class VllmEngine:
     async def remove_lora(self, lora_id: int) -> None:
         await self._llm.remove_lora(lora_id)
 
-    async def pin_lora(self, lora_id: int) -> None:
-        await self._llm.pin_lora(lora_id)
-
     async def list_loras(self) -> set[int]:
         return set(await self._llm.list_loras())

@@ -1,0 +1,79 @@
+"""Eviction order under a small byte budget, pinning, and restart persistence.
+
+A second server with --adapter-cache-bytes sized for two adapters: the cache
+state is read back the way an operator would, from GET /v1/adapters and /metrics.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.integration.conftest import _start_cluster
+
+
+@pytest.fixture(scope="module")
+def small(tiny_base, adapter_dirs, tmp_path_factory):
+    size = sum(f.stat().st_size for f in adapter_dirs["a1"].iterdir() if f.is_file())
+    c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "1", "--max-cpu-loras", "8",
+                       "--adapter-cache-bytes", str(int(size * 2.5)), name="small")
+    for name, adapter in (("x", "a1"), ("y", "a2"), ("z", "a3")):
+        assert c.upload("alice", name, adapter).status_code == 201
+    yield c
+    c.server.stop()
+
+
+def use(c, name):
+    c.client("alice").completions.create(model=f"tiny:{name}", prompt="hello", max_tokens=1)
+
+
+def loaded(c) -> list[str]:
+    with c.http("alice") as h:
+        return sorted(a["id"] for a in h.get("/v1/adapters").json()["data"] if a["residency"] == "loaded")
+
+
+def evictions(c) -> float:
+    with c.http() as h:
+        m = re.search(r"^loraplex_adapter_cache_evictions_total (\S+)$", h.get("/metrics").text, re.M)
+    return float(m.group(1))
+
+
+def test_lru_eviction_and_pinning(small):
+    c = small
+    assert loaded(c) == []
+    use(c, "x"), use(c, "y")
+    assert loaded(c) == ["x", "y"]
+    use(c, "z")  # x is least recently used
+    assert loaded(c) == ["y", "z"] and evictions(c) == 1
+    use(c, "y"), use(c, "x")  # now z is LRU
+    assert loaded(c) == ["x", "y"] and evictions(c) == 2
+    with c.http("alice") as h:
+        assert h.post("/v1/adapters/x/pin").json()["pinned"] is True
+    use(c, "y"), use(c, "z")  # x is LRU but pinned: y goes
+    assert loaded(c) == ["x", "z"]
+    use(c, "y")  # x still pinned: z goes
+    assert loaded(c) == ["x", "y"] and evictions(c) == 4
+    with c.http("alice") as h:
+        assert h.post("/v1/adapters/x/unpin").json()["pinned"] is False
+    use(c, "y"), use(c, "z")  # x unpinned and LRU: x goes
+    assert loaded(c) == ["y", "z"] and evictions(c) == 5
+
+
+def test_restart_keeps_registry_and_reloads_on_demand(small):
+    c = small
+    with c.http("alice") as h:
+        h.post("/v1/adapters/z/pin")
+        before = {a["id"]: a for a in h.get("/v1/adapters").json()["data"]}
+    want = c.client("alice").completions.create(model="tiny:y", prompt="hello", max_tokens=6, temperature=0)
+    c.server.stop()
+    c.server.start()
+    with c.http("alice") as h:
+        after = {a["id"]: a for a in h.get("/v1/adapters").json()["data"]}
+    assert set(after) == set(before) == {"x", "y", "z"}
+    assert all(after[n]["residency"] == "registered" for n in after)  # nothing loaded until asked
+    assert after["z"]["pinned"] is True
+    assert {n: after[n]["digest"] for n in after} == {n: before[n]["digest"] for n in before}
+    got = c.client("alice").completions.create(model="tiny:y", prompt="hello", max_tokens=6, temperature=0)
+    assert got.choices[0].text == want.choices[0].text
+    assert loaded(c) == ["y"]
