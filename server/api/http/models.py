@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.http import deps
+from server.metrics import EXPOSITION
 from server.service import Service
 from server.tenants.store import Principal
 
@@ -35,4 +36,4 @@ async def ready(service: Service = Depends(deps.service)):
 
 @router.get("/metrics")
 async def metrics():
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(EXPOSITION), media_type=CONTENT_TYPE_LATEST)
