@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, on a CPU: install, train the ISO-date
-# adapter on the bundled SmolLM2-135M, and compare base vs adapter on held-out data.
+# adapter on the bundled SmolLM2-135M (once), serve base + adapter with
+# `python -m server`, and show both answers through the openai client.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
-PY=.venv/bin/python
-$PY -m trainer plan --r 16
-$PY -m trainer fit --r 16 --name iso-dates --overwrite
-$PY -m trainer eval runs/iso-dates --limit 200
+.venv/bin/python scripts/demo.py

@@ -4,6 +4,7 @@
     python -m trainer fit --r 16 --4bit         # train on the bundled demo (ISO dates)
     python -m trainer eval runs/iso-dates       # base vs base+adapter on held-out data
     python -m trainer export runs/iso-dates --merge --out merged/
+    python -m trainer push runs/iso-dates --url http://127.0.0.1:8000 --key $KEY
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def fit(
     targets: Annotated[str, Opt(help="'all-linear' or comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.")] = "all-linear",
     load_4bit: Annotated[bool, Opt("--4bit", help="QLoRA: NF4 base with double quant, paged 8-bit AdamW on CUDA.")] = False,
     epochs: Annotated[float, Opt(help="Passes over the training data (fractions allowed).")] = 1.0,
-    lr: Annotated[Optional[float], Opt(help="Peak learning rate (cosine decay, 3% warmup). Default 2e-4; with --4bit the recipe's.")] = None,
+    lr: Annotated[Optional[float], Opt(help="Peak learning rate (cosine decay, 3% warmup). Default 2e-4; with --4bit 5e-4 (trainer/qlora.py).")] = None,
     batch_size: Annotated[int, Opt(help="Sequences per micro-batch.")] = 8,
     grad_accum: Annotated[int, Opt(help="Micro-batches per optimizer step.")] = 1,
     max_seq_len: Annotated[int, Opt(help="Longer examples are dropped (and counted), never truncated.")] = 256,
@@ -191,6 +192,28 @@ def export(
     if warning:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"merged model written to {out}")
+
+
+@app.command()
+def push(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (as written by fit).")],
+    url: Annotated[str, Opt(help="Server base URL.")] = "http://127.0.0.1:8000",
+    key: Annotated[Optional[str], Opt(envvar="LORAPLEX_API_KEY", help="API key (or LORAPLEX_API_KEY).")] = None,
+    name: Annotated[Optional[str], Opt(help="Adapter name on the server (default: the directory name).")] = None,
+    replace: Annotated[bool, Opt(help="If the name exists, upload a new version (hot replace).")] = False,
+    tenant: Annotated[Optional[str], Opt(help="Admin keys only: upload into this tenant.")] = None,
+) -> None:
+    """Upload ADAPTER to a running loraplex server; it is then served as model='<base>:<name>'."""
+    from trainer.push import PushError
+    from trainer.push import push as do_push
+
+    if not key:
+        _fail("--key (or LORAPLEX_API_KEY) is required")
+    try:
+        card = do_push(adapter, url=url, key=key, name=name or adapter.name, replace=replace, tenant=tenant)
+    except PushError as e:
+        _fail(str(e))
+    typer.echo(f"pushed {card['id']} v{card['version']} ({card['digest'][:19]}...) -> model={card['model']!r}")
 
 
 def main() -> None:
