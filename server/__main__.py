@@ -93,8 +93,14 @@ def serve(argv: list[str]) -> None:
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    from server.engine.vllm_engine import EngineConfigError
+    from trainer.base import BaseModelError
+
     try:
         asyncio.run(run(settings))
+    except (EngineConfigError, BaseModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     except KeyboardInterrupt:
         pass
 

@@ -77,3 +77,26 @@ def test_restart_keeps_registry_and_reloads_on_demand(small):
     got = c.client("alice").completions.create(model="tiny:y", prompt="hello", max_tokens=6, temperature=0)
     assert got.choices[0].text == want.choices[0].text
     assert loaded(c) == ["y"]
+
+
+def test_concurrent_cold_requests_share_one_load(cluster):
+    """Six requests for a never-loaded adapter at once: one load, one miss, five hits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert cluster.upload("alice", "cold", "a4").status_code == 201
+
+    def counters():
+        with cluster.http() as h:
+            text = h.get("/metrics").text
+        get = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+        return (get("loraplex_adapter_load_duration_seconds_count"), get("loraplex_adapter_cache_misses_total"),
+                get("loraplex_adapter_cache_hits_total"))
+
+    loads0, misses0, hits0 = counters()
+    client = cluster.client("alice")
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: client.completions.create(model="tiny:cold", prompt="hello", max_tokens=4,
+                                                                 temperature=0).choices[0].text, range(6)))
+    loads, misses, hits = counters()
+    assert (loads - loads0, misses - misses0, hits - hits0) == (1, 1, 5)
+    assert len(set(outs)) == 1

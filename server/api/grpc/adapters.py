@@ -1,0 +1,60 @@
+"""loraplex.v1.Adapters: upload, list, get, replace, delete, pin -- the /v1/adapters routes over gRPC.
+
+Uploads are client streams: ``protocol.upload`` joins the chunks after the
+caller's key checked out, and ``Service.upload`` validates, stores and
+registers them exactly as it does for a multipart HTTP upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server.api.grpc import protocol
+from server.api.grpc.pb import adapters_pb2 as apb
+from server.api.grpc.pb import adapters_pb2_grpc
+from server.service import Service
+
+Context = grpc.aio.ServicerContext
+
+
+class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
+    def __init__(self, service: Service):
+        self.service = service
+
+    def _principal(self, context: Context):
+        return self.service.authenticate(protocol.authorization(context))
+
+    async def Upload(self, requests: AsyncIterator[apb.UploadRequest], context: Context) -> apb.Adapter:
+        return await self._upload(requests, context, replace=False)
+
+    async def Replace(self, requests: AsyncIterator[apb.UploadRequest], context: Context) -> apb.Adapter:
+        return await self._upload(requests, context, replace=True)
+
+    async def _upload(self, requests, context: Context, *, replace: bool) -> apb.Adapter:
+        principal = self._principal(context)  # before reading the body: a bad key is refused whatever it sends
+        meta, content = await protocol.upload(requests)
+        rec = await self.service.upload(principal, meta.name, tenant=protocol.tenant(meta),
+                                        replace=replace or meta.replace, **content)
+        return protocol.adapter(self.service, rec)
+
+    async def List(self, request: apb.ListAdaptersRequest, context: Context) -> apb.ListAdaptersResponse:
+        records = self.service.list_adapters(self._principal(context), protocol.tenant(request))
+        return apb.ListAdaptersResponse(adapters=[protocol.adapter(self.service, r) for r in records])
+
+    async def Get(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
+        rec = self.service.get_adapter(self._principal(context), request.name, protocol.tenant(request))
+        return protocol.adapter(self.service, rec)
+
+    async def Delete(self, request: apb.AdapterRef, context: Context) -> apb.DeleteAdapterResponse:
+        removed = await self.service.delete_adapter(self._principal(context), request.name, protocol.tenant(request))
+        return apb.DeleteAdapterResponse(name=request.name, versions=len(removed))
+
+    async def Pin(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
+        rec = await self.service.set_pinned(self._principal(context), request.name, True, protocol.tenant(request))
+        return protocol.adapter(self.service, rec)
+
+    async def Unpin(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
+        rec = await self.service.set_pinned(self._principal(context), request.name, False, protocol.tenant(request))
+        return protocol.adapter(self.service, rec)

@@ -1,0 +1,58 @@
+"""loraplex.v1.Inference: Generate, Chat and ListModels over the service.
+
+Each method authenticates, converts the request, and awaits the service;
+service errors propagate to ``errors.ErrorInterceptor``. A stream is written
+from inside the handler with ``context.write``, iterating the service's
+generator under ``aclosing``: when the client cancels or the deadline passes,
+grpc.aio cancels the handler's task, and closing the generator runs its
+``finally``, which aborts the request in vLLM.
+"""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import grpc
+
+from server.api.grpc import protocol
+from server.api.grpc.pb import inference_pb2 as ipb
+from server.api.grpc.pb import inference_pb2_grpc
+from server.service import Generation, Service, Usage
+from server.tenants.store import Principal
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, service: Service):
+        self.service = service
+
+    async def Generate(self, request: ipb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        principal = self.service.authenticate(protocol.authorization(context))
+        gen = self.service.prepare(principal, request.model, protocol.prompt_ids(self.service, request),
+                                   protocol.sampling(request), prompt_field="prompt")
+        await self._stream(principal, gen, "generate", context)
+
+    async def Chat(self, request: ipb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
+        principal = self.service.authenticate(protocol.authorization(context))
+        ids = self.service.render_chat(protocol.messages(request))
+        gen = self.service.prepare(principal, request.model, ids, protocol.sampling(request),
+                                   prompt_field="messages")
+        await self._stream(principal, gen, "chat", context)
+
+    async def ListModels(self, request: ipb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> ipb.ListModelsResponse:
+        principal = self.service.authenticate(protocol.authorization(context))
+        limit = self.service.settings.max_model_len
+        return ipb.ListModelsResponse(models=[protocol.model(c, limit) for c in self.service.list_models(principal)])
+
+    async def _stream(self, principal: Principal, gen: Generation, endpoint: str,
+                      context: grpc.aio.ServicerContext) -> None:
+        """Write each delta as it comes; usage rides on the message that finishes the last choice."""
+        usage, finished = Usage(prompt_tokens=len(gen.prompt_ids)), 0
+        deltas = self.service.generate(principal, gen, protocol="grpc", endpoint=endpoint)
+        async with aclosing(deltas):
+            async for d in deltas:
+                usage.completion_tokens += len(d.token_ids)
+                finished += d.finish_reason is not None
+                await context.write(protocol.delta(d, usage if finished == gen.sampling.n else None))
+        if finished < gen.sampling.n:  # the engine ended a choice without a reason: still report usage
+            await context.write(ipb.GenerateResponse(usage=protocol.usage(usage)))

@@ -1,0 +1,139 @@
+"""loraplex.v1 messages <-> the service's types.
+
+What the HTTP front's pydantic models do for JSON, done for protobuf: read
+the caller's key from metadata, check sampling fields against the same bounds
+as ``server/api/http/protocol.py`` (an unset optional field takes the HTTP
+default), and write service results back as messages. Nothing here decides
+anything the service decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from server.adapters.registry import AdapterRecord
+from server.adapters.upload import MAX_UPLOAD_BYTES, UploadFile
+from server.api.grpc.pb import adapters_pb2 as apb
+from server.api.grpc.pb import inference_pb2 as ipb
+from server.engine.types import Completion, Sampling
+from server.errors import AdapterRejected, InvalidArgument
+from server.service import ModelCard, Service, Usage
+
+ROLES = {ipb.ROLE_SYSTEM: "system", ipb.ROLE_USER: "user", ipb.ROLE_ASSISTANT: "assistant",
+         ipb.ROLE_DEVELOPER: "developer"}
+
+
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The ``authorization`` metadata value (``Bearer <key>``), as HTTP reads the header."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value
+    return None
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _check(field: str, ok: bool, rule: str, value) -> None:
+    if not ok:
+        raise InvalidArgument(f"must be {rule}, got {value!r}", field=field)
+
+
+def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
+    """The sampling fields of a Generate or Chat request, with the HTTP API's bounds and defaults."""
+    def opt(name: str, default):
+        return getattr(req, name) if req.HasField(name) else default
+
+    max_tokens, temperature, top_p = opt("max_tokens", None), opt("temperature", 1.0), opt("top_p", 1.0)
+    n, seed, logprobs, stop = opt("n", 1), opt("seed", None), opt("logprobs", None), tuple(req.stop)
+    _check("max_tokens", max_tokens is None or max_tokens >= 1, "at least 1", max_tokens)
+    _check("temperature", 0.0 <= temperature <= 2.0, "between 0 and 2", temperature)
+    _check("top_p", 0.0 < top_p <= 1.0, "above 0 and at most 1", top_p)
+    _check("n", 1 <= n <= 16, "between 1 and 16", n)
+    _check("stop", len(stop) <= 4, "at most 4 stop sequences", len(stop))
+    _check("logprobs", logprobs is None or logprobs <= 20, "between 0 and 20", logprobs)
+    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, stop=stop, seed=seed,
+                    logprobs=logprobs, ignore_eos=req.ignore_eos)
+
+
+def prompt_ids(service: Service, req: ipb.GenerateRequest) -> list[int]:
+    if req.prompt and req.prompt_token_ids:
+        raise InvalidArgument("send prompt or prompt_token_ids, not both", field="prompt")
+    return list(req.prompt_token_ids) if req.prompt_token_ids else service.encode(req.prompt)
+
+
+def messages(req: ipb.ChatRequest) -> list[dict]:
+    if not req.messages:
+        raise InvalidArgument("a chat needs at least one message", field="messages")
+    for i, m in enumerate(req.messages):
+        _check(f"messages[{i}].role", m.role in ROLES, "one of " + ", ".join(ipb.Role.Name(r) for r in ROLES),
+               ipb.Role.Name(m.role) if m.role in ipb.Role.values() else m.role)
+    return [{"role": ROLES[m.role], "content": m.content} for m in req.messages]
+
+
+async def upload(requests: AsyncIterator[apb.UploadRequest]) -> tuple[apb.UploadMetadata, dict]:
+    """Read an Upload/Replace stream: the metadata, and ``files=`` or ``tarball=`` for ``Service.upload``."""
+    stream = aiter(requests)
+    first = await anext(stream, None)
+    if first is None or first.WhichOneof("part") != "metadata":
+        raise InvalidArgument("the first message of an upload must be its metadata", field="metadata")
+    files: dict[str, bytearray] = {}
+    archive: bytearray | None = None
+    total = 0
+    async for msg in stream:
+        part = msg.WhichOneof("part")
+        if part == "file":
+            files.setdefault(msg.file.filename, bytearray()).extend(msg.file.data)
+            total += len(msg.file.data)
+        elif part == "archive":
+            archive = archive if archive is not None else bytearray()
+            archive.extend(msg.archive)
+            total += len(msg.archive)
+        else:
+            raise InvalidArgument("metadata must be sent once, as the first message", field="metadata")
+        if total > MAX_UPLOAD_BYTES:
+            raise AdapterRejected(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", field="files")
+    if archive is not None and files:
+        raise InvalidArgument("send either files or archive, not both", field="archive")
+    if archive is not None:
+        return first.metadata, {"tarball": bytes(archive)}
+    if not files:
+        raise InvalidArgument("no adapter files: send adapter_config.json and adapter_model.safetensors as "
+                              "'file' chunks, or a .tar.gz as 'archive' chunks", field="files")
+    return first.metadata, {"files": [UploadFile(name, bytes(data)) for name, data in files.items()]}
+
+
+def tenant(req) -> str | None:
+    return req.tenant if req.HasField("tenant") else None
+
+
+# ---------------------------------------------------------------- responses
+
+
+def usage(u: Usage) -> ipb.Usage:
+    return ipb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                     total_tokens=u.total_tokens)
+
+
+def delta(d: Completion, final_usage: Usage | None = None) -> ipb.GenerateResponse:
+    msg = ipb.GenerateResponse(index=d.index, text=d.text, token_ids=d.token_ids,
+                               finish_reason=d.finish_reason or "")
+    for lp in d.logprobs or ():
+        msg.logprobs.add(token=lp.token, logprob=lp.logprob, top=lp.top)
+    if final_usage is not None:
+        msg.usage.CopyFrom(usage(final_usage))
+    return msg
+
+
+def model(card: ModelCard, max_model_len: int) -> ipb.Model:
+    return ipb.Model(id=card.id, created=card.created, owned_by=card.owned_by, root=card.root,
+                     parent=card.parent or "", max_model_len=max_model_len)
+
+
+def adapter(service: Service, rec: AdapterRecord) -> apb.Adapter:
+    return apb.Adapter(name=rec.name, model=f"{service.served_name}:{rec.name}", tenant=rec.tenant,
+                       version=rec.version, digest=f"sha256:{rec.digest}", rank=rec.rank,
+                       target_modules=list(rec.target_modules), size_bytes=rec.size_bytes, pinned=rec.pinned,
+                       created=int(rec.created_at), residency=service.residency_of(rec))

@@ -1,0 +1,78 @@
+"""Start the gRPC server on the running event loop: the two services, health and reflection.
+
+``runtime.serve`` awaits :func:`start_grpc` inside uvicorn's loop when
+``--grpc-port`` is set, so gRPC and HTTP share one process, one Service and
+one engine. ``grpc.health.v1.Health`` reports SERVING for the whole server
+(``""``) and for each loraplex service while the engine is ready, and
+NOT_SERVING once shutdown begins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.api.grpc.adapters import AdaptersServicer
+from server.api.grpc.errors import ErrorInterceptor
+from server.api.grpc.inference import InferenceServicer
+from server.api.grpc.pb import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.service import Service
+
+logger = logging.getLogger(__name__)
+
+SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name)
+HEALTH_POLL_S = 1.0
+MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default; upload chunks must stay under it
+
+
+class GrpcServer:
+    """The running server; ``port`` is the bound one (``--grpc-port 0`` picks a free port)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, service: Service):
+        self.server, self.port, self.service = server, port, service
+        self.health = health.aio.HealthServicer()
+        self._watch: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._set_health(self.service.engine.ready)
+        await self.server.start()
+        self._watch = asyncio.create_task(self._track_engine())
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICES):
+            await self.health.set(name, status)
+
+    async def _track_engine(self) -> None:
+        serving = self.service.engine.ready
+        while True:
+            await asyncio.sleep(HEALTH_POLL_S)
+            if self.service.engine.ready != serving:
+                serving = self.service.engine.ready
+                await self._set_health(serving)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING first, then let calls in flight finish for ``grace`` seconds."""
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_grpc(service: Service, host: str, port: int) -> GrpcServer:
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()],
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(service), server)
+    grpc_server = GrpcServer(server, server.add_insecure_port(f"{host}:{port}"), service)
+    health_pb2_grpc.add_HealthServicer_to_server(grpc_server.health, server)
+    reflection.enable_server_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    await grpc_server.start()
+    logger.info("gRPC serving %s on %s:%d", ", ".join(SERVICES), host, grpc_server.port)
+    return grpc_server

@@ -1,0 +1,55 @@
+"""`python -m server` flags: clear errors before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_unknown_quantization_lists_what_vllm_offers(tiny_base, tmp_path):
+    r = run("--base", str(tiny_base), "--data-dir", str(tmp_path), "--quantization", "nf5-magic")
+    assert r.returncode == 2
+    assert "--quantization 'nf5-magic'" in r.stderr and "it offers:" in r.stderr and "fp8" in r.stderr
+
+
+def test_bad_flags_name_the_flag(tmp_path):
+    r = run("--max-lora-rank", "12", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "--max-lora-rank" in r.stderr and "320" in r.stderr
+    r = run("--max-loras", "8", "--max-cpu-loras", "4", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "max_cpu_loras (4) must be >= max_loras (8)" in r.stderr
+    r = run("--base", str(tmp_path / "missing"), "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "--base" in r.stderr and "no such directory" in r.stderr
+
+
+def test_env_and_config_file_equivalents(tmp_path):
+    from server.config import Settings
+
+    cfg = tmp_path / "server.toml"
+    cfg.write_text("max_loras = 3\nport = 9001\n")
+    import os
+
+    env = {**os.environ, "LORAPLEX_CONFIG": str(cfg), "LORAPLEX_PORT": "9002"}
+    code = ("from pydantic_settings import CliApp; from server.config import Settings; "
+            "s = CliApp.run(Settings, cli_args=['--max-cpu-loras', '70']); print(s.max_loras, s.port, s.max_cpu_loras)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["3", "9002", "70"]  # file < environment < flags
+    assert Settings().max_cpu_loras >= Settings().max_loras
+
+
+def test_tenants_cli(tmp_path):
+    key = run("tenants", "create", "acme", "--data-dir", str(tmp_path)).stdout.strip()
+    assert key.startswith("lpx_")
+    listing = run("tenants", "list", "--data-dir", str(tmp_path)).stdout
+    assert "acme" in listing and key not in listing and key[:8] in listing
+    dup = run("tenants", "create", "acme", "--data-dir", str(tmp_path))
+    assert dup.returncode == 2 and "exists" in dup.stderr
+    bad = run("tenants", "create", "Bad/Name", "--data-dir", str(tmp_path))
+    assert bad.returncode == 2 and "name" in bad.stderr
+    assert run("tenants", "revoke", "acme", "--data-dir", str(tmp_path)).returncode == 0
+    assert "revoked" in run("tenants", "list", "--data-dir", str(tmp_path)).stdout
+    assert run("tenants", "revoke", "nobody", "--data-dir", str(tmp_path)).returncode == 2
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").rglob("*.safetensors"))
