@@ -41,12 +41,17 @@ def _check(field: str, ok: bool, rule: str, value) -> None:
         raise InvalidArgument(f"must be {rule}, got {value!r}", field=field)
 
 
+COMPLETION_MAX_TOKENS = 16
+"""Generate's max_tokens when unset: OpenAI's default for completions, as over HTTP. Chat's: the context left."""
+
+
 def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
     """The sampling fields of a Generate or Chat request, with the HTTP API's bounds and defaults."""
     def opt(name: str, default):
         return getattr(req, name) if req.HasField(name) else default
 
-    max_tokens, temperature, top_p = opt("max_tokens", None), opt("temperature", 1.0), opt("top_p", 1.0)
+    max_tokens = opt("max_tokens", COMPLETION_MAX_TOKENS if isinstance(req, ipb.GenerateRequest) else None)
+    temperature, top_p = opt("temperature", 1.0), opt("top_p", 1.0)
     n, seed, logprobs, stop = opt("n", 1), opt("seed", None), opt("logprobs", None), tuple(req.stop)
     _check("max_tokens", max_tokens is None or max_tokens >= 1, "at least 1", max_tokens)
     _check("temperature", 0.0 <= temperature <= 2.0, "between 0 and 2", temperature)
