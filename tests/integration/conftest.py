@@ -30,8 +30,10 @@ def vllm_greedy(llm, prompts: list[str], lora=None, max_tokens: int = 12) -> lis
 class Cluster:
     """One running server plus the keys and adapter directories the tests use."""
 
-    def __init__(self, server, keys: dict[str, str], adapters: dict[str, "Path"], base: "Path"):
+    def __init__(self, server, keys: dict[str, str], adapters: dict[str, "Path"], base: "Path",
+                 grpc_port: int | None = None):
         self.server, self.keys, self.adapters, self.base = server, keys, adapters, base
+        self.grpc_port = grpc_port
 
     @property
     def url(self) -> str:
@@ -47,6 +49,15 @@ class Cluster:
 
         headers = {"Authorization": f"Bearer {self.keys[tenant]}"} if tenant else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def channel(self):
+        """A real grpcio channel to the server's --grpc-port."""
+        import grpc
+
+        return grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
+
+    def grpc_auth(self, tenant: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.keys[tenant]}"),)
 
     def upload(self, tenant: str, name: str, adapter: str, *, method: str = "POST"):
         d = self.adapters[adapter]
@@ -66,8 +77,9 @@ def adapter_dirs(tiny_base, tmp_path_factory) -> dict:
             for name, seed, r in (("a1", 1, 8), ("a2", 2, 8), ("a3", 3, 8), ("a4", 4, 16))}
 
 
-def _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, *extra: str, name: str) -> Cluster:
-    from tests.integration.server_proc import ServerProcess, create_tenant
+def _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, *extra: str, name: str,
+                   grpc: bool = False) -> Cluster:
+    from tests.integration.server_proc import ServerProcess, create_tenant, free_port
 
     data = tmp_path_factory.mktemp(f"{name}-data")
     keys = {
@@ -77,14 +89,26 @@ def _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, *extra: str, name:
         "carol": create_tenant(data, "carol", "--rpm", "3"),
         "dave": create_tenant(data, "dave", "--max-adapters", "1", "--max-rank", "8"),
     }
+    grpc_port = free_port() if grpc else None
+    if grpc:
+        extra = (*extra, "--grpc-port", str(grpc_port))
     log = tmp_path_factory.mktemp("logs") / f"{name}.log"
     server = ServerProcess(tiny_base, data, *extra, log=log).start()
-    return Cluster(server, keys, adapter_dirs, tiny_base)
+    return Cluster(server, keys, adapter_dirs, tiny_base, grpc_port)
 
 
 @pytest.fixture(scope="session")
 def cluster(tiny_base, adapter_dirs, tmp_path_factory):
     c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
                        name="main")
+    yield c
+    c.server.stop()
+
+
+@pytest.fixture(scope="session")
+def grpc_cluster(tiny_base, adapter_dirs, tmp_path_factory):
+    """A second server with --grpc-port as well: HTTP and gRPC on one engine (only the gRPC tests start it)."""
+    c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
+                       name="grpc", grpc=True)
     yield c
     c.server.stop()

@@ -1,0 +1,106 @@
+"""gRPC messages -> service types: the HTTP API's sampling bounds and defaults, and upload streams."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import ValidationError
+
+from server.api.grpc import protocol
+from server.api.grpc.pb import adapters_pb2 as apb
+from server.api.grpc.pb import inference_pb2 as ipb
+from server.api.http.protocol import ChatCompletionRequest, CompletionRequest
+from server.errors import AdapterRejected, InvalidArgument
+
+# Each field at and just past its bounds: both fronts must agree on every one.
+EDGES = [("max_tokens", v) for v in (0, 1, 4096)] + [("temperature", v) for v in (0.0, 2.0, 2.01)] + \
+        [("top_p", v) for v in (0.0, 1e-9, 1.0, 1.01)] + [("n", v) for v in (0, 1, 16, 17)] + \
+        [("logprobs", v) for v in (0, 20, 21)] + [("stop", ["a"] * k) for k in (4, 5)] + [("seed", 2**40)]
+
+
+@pytest.mark.parametrize("field, value", EDGES)
+def test_sampling_bounds_match_the_http_api(field, value):
+    try:
+        CompletionRequest(model="m", prompt="p", **{field: value})
+        http_ok = True
+    except ValidationError:
+        http_ok = False
+    try:
+        protocol.sampling(ipb.GenerateRequest(model="m", prompt="p", **{field: value}))
+        grpc_ok = True
+    except InvalidArgument as exc:
+        grpc_ok = False
+        assert exc.field == field
+    assert grpc_ok == http_ok
+
+
+def test_unset_fields_take_the_http_defaults():
+    http = CompletionRequest(model="m", prompt="p")
+    assert protocol.sampling(ipb.GenerateRequest(model="m", prompt="p")) == http.sampling(http.logprobs)
+    http_chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert protocol.sampling(ipb.ChatRequest(model="m")) == http_chat.sampling()
+    chat = ipb.ChatRequest(model="m", max_tokens=5, temperature=0, stop=["x"], seed=3, logprobs=2, ignore_eos=True)
+    s = protocol.sampling(chat)
+    assert (s.max_tokens, s.temperature, s.stop, s.seed, s.logprobs, s.ignore_eos) == (5, 0.0, ("x",), 3, 2, True)
+
+
+def test_chat_messages_need_a_role():
+    ok = ipb.ChatRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_SYSTEM, content="be brief"),
+                                   ipb.ChatMessage(role=ipb.ROLE_USER, content="hi")])
+    assert protocol.messages(ok) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(InvalidArgument) as info:
+        protocol.messages(ipb.ChatRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_USER), ipb.ChatMessage()]))
+    assert info.value.field == "messages[1].role" and "ROLE_UNSPECIFIED" in info.value.message
+    with pytest.raises(InvalidArgument) as info:
+        protocol.messages(ipb.ChatRequest())
+    assert info.value.field == "messages"
+
+
+async def _stream(*msgs):
+    for m in msgs:
+        yield m
+
+
+def read(*msgs):
+    return asyncio.run(protocol.upload(_stream(*msgs)))
+
+
+META = apb.UploadRequest(metadata=apb.UploadMetadata(name="bot", tenant="acme"))
+
+
+def chunk(name: str, data: bytes) -> apb.UploadRequest:
+    return apb.UploadRequest(file=apb.FileChunk(filename=name, data=data))
+
+
+def test_file_chunks_are_joined_per_file_in_order():
+    meta, content = read(META, chunk("adapter_config.json", b"{\"r\":"), chunk("adapter_model.safetensors", b"AB"),
+                         chunk("adapter_config.json", b" 8}"), chunk("adapter_model.safetensors", b"CD"))
+    assert (meta.name, protocol.tenant(meta), meta.replace) == ("bot", "acme", False)
+    assert {f.filename: f.data for f in content["files"]} == {"adapter_config.json": b"{\"r\": 8}",
+                                                              "adapter_model.safetensors": b"ABCD"}
+
+
+def test_archive_chunks_are_joined():
+    meta, content = read(apb.UploadRequest(metadata=apb.UploadMetadata(name="bot")),
+                         apb.UploadRequest(archive=b"\x1f\x8b"), apb.UploadRequest(archive=b"rest"))
+    assert protocol.tenant(meta) is None and content == {"tarball": b"\x1f\x8brest"}
+
+
+@pytest.mark.parametrize("msgs, field", [
+    ((), "metadata"),
+    ((chunk("adapter_config.json", b"{}"),), "metadata"),
+    ((META, META), "metadata"),
+    ((META,), "files"),
+    ((META, chunk("adapter_config.json", b"{}"), apb.UploadRequest(archive=b"x")), "archive"),
+])
+def test_malformed_upload_streams_name_the_field(msgs, field):
+    with pytest.raises(InvalidArgument) as info:
+        read(*msgs)
+    assert info.value.field == field
+
+
+def test_an_oversized_upload_is_refused_while_streaming(monkeypatch):
+    monkeypatch.setattr(protocol, "MAX_UPLOAD_BYTES", 10)
+    with pytest.raises(AdapterRejected):
+        read(META, chunk("adapter_model.safetensors", b"x" * 6), chunk("adapter_model.safetensors", b"x" * 6))
