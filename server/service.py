@@ -140,6 +140,8 @@ class Service:
         if len(prompt_ids) >= limit:
             raise InvalidArgument(f"the prompt is {len(prompt_ids)} tokens; this model's context is {limit} tokens "
                                   "(prompt + completion)", field=prompt_field)
+        if sampling.n > 1 and sampling.temperature == 0:
+            raise InvalidArgument("n > 1 needs temperature > 0: greedy decoding gives n identical choices", field="n")
         room = limit - len(prompt_ids)
         if sampling.max_tokens is None or sampling.max_tokens <= 0:
             sampling = Sampling(**{**sampling.__dict__, "max_tokens": room})

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from server.engine.types import Completion, EngineStats, Sampling, TokenLogprob
+from server.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +101,14 @@ class VllmEngine:
         from vllm.lora.request import LoRARequest
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(
-            n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-            stop=list(sampling.stop) or None, seed=sampling.seed, logprobs=sampling.logprobs,
-            ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA,
-        )
+        try:
+            params = SamplingParams(
+                n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
+                stop=list(sampling.stop) or None, seed=sampling.seed, logprobs=sampling.logprobs,
+                ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as e:  # vLLM's own sampling checks (VLLMValidationError on 0.3x)
+            raise InvalidArgument(str(e), field=getattr(e, "parameter", None)) from None
         lora_request = LoRARequest(lora[0], lora[1], lora[2]) if lora else None
         async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id,
                                             lora_request=lora_request):

@@ -99,16 +99,14 @@ def _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, *extra: str, name:
 
 @pytest.fixture(scope="session")
 def cluster(tiny_base, adapter_dirs, tmp_path_factory):
+    """The session's server: HTTP and gRPC on one engine; the adapters' directory is a --lora-roots."""
+    roots = {str(d.parent) for d in adapter_dirs.values()}
     c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
-                       name="main")
+                       *[a for r in sorted(roots) for a in ("--lora-roots", r)], name="main", grpc=True)
     yield c
     c.server.stop()
 
 
 @pytest.fixture(scope="session")
-def grpc_cluster(tiny_base, adapter_dirs, tmp_path_factory):
-    """A second server with --grpc-port as well: HTTP and gRPC on one engine (only the gRPC tests start it)."""
-    c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
-                       name="grpc", grpc=True)
-    yield c
-    c.server.stop()
+def grpc_cluster(cluster):
+    return cluster

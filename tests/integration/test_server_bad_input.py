@@ -52,6 +52,11 @@ def test_wrong_types_name_the_field(alice, patch, param):
     err(alice.post("/v1/chat/completions", json={**CHAT, **patch}), 400, param)
 
 
+def test_n_with_greedy(alice):
+    e = err(alice.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 2, "temperature": 0}), 400, "n")
+    assert "temperature" in e["message"]
+
+
 def test_missing_field(alice):
     err(alice.post("/v1/completions", json={"model": "tiny"}), 400, "prompt")
 

@@ -21,6 +21,7 @@ class _Sampling(BaseModel):
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
+    """None: whatever the context leaves after the prompt (chat's default, as in vLLM)."""
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=16)
@@ -49,6 +50,7 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's (and vLLM's) default for completions
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
