@@ -87,8 +87,9 @@ def serve(argv: list[str]) -> None:
         settings = CliApp.run(Settings, cli_args=argv)
     except ValidationError as e:
         for err in e.errors():
-            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") if err["loc"] else "settings"
-            print(f"error: {flag}: {err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+            msg = err["msg"].removeprefix("Value error, ")
+            flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") + ": " if err["loc"] else ""
+            print(f"error: {flag}{msg}", file=sys.stderr)
         raise SystemExit(2)
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)

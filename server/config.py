@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from server.adapters.compat import VLLM_RANKS
@@ -63,15 +63,19 @@ class Settings(BaseSettings):
     """Per-adapter metric labels are kept for this many busiest adapters; the rest are 'other'."""
     seed: int = 0
 
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank(cls, v: int) -> int:
+        if v not in VLLM_RANKS:
+            raise ValueError(f"must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM accepts no other), got {v}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.max_cpu_loras is None:
             self.max_cpu_loras = max(64, self.max_loras)
         if self.max_cpu_loras < self.max_loras:
-            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
-        if self.max_lora_rank not in VLLM_RANKS:
-            raise ValueError(f"max_lora_rank must be one of {', '.join(map(str, VLLM_RANKS))} (vLLM accepts no "
-                             f"other), got {self.max_lora_rank}")
+            raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
         return self
 
     @classmethod

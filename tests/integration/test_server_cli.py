@@ -20,7 +20,7 @@ def test_bad_flags_name_the_flag(tmp_path):
     r = run("--max-lora-rank", "12", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "--max-lora-rank" in r.stderr and "320" in r.stderr
     r = run("--max-loras", "8", "--max-cpu-loras", "4", "--data-dir", str(tmp_path))
-    assert r.returncode == 2 and "max_cpu_loras (4) must be >= max_loras (8)" in r.stderr
+    assert r.returncode == 2 and "--max-cpu-loras (4) must be >= --max-loras (8)" in r.stderr
     r = run("--base", str(tmp_path / "missing"), "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "--base" in r.stderr and "no such directory" in r.stderr
 

@@ -69,3 +69,31 @@ def test_adapter_serves_in_vllm_and_differs_from_base(trained, vllm_engine):
     # The task was learned: the adapter answers in the trained form.
     text = vllm_engine.get_tokenizer().decode(lora_out[0])
     assert text.startswith("answer"), text
+
+
+def test_export_merge_matches_the_adapter(trained, tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from trainer.__main__ import app
+
+    out = tmp_path / "merged"
+    r = CliRunner().invoke(app, ["export", str(trained.out_dir), "--merge", "--out", str(out),
+                                 "--base", str(tiny_base)])
+    assert r.exit_code == 0, r.output
+    four = trained.manifest["training"]["args"]["load_4bit"]
+    assert ("trained on a 4-bit" in r.output) == four
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as st:
+        assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.bfloat16}
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32),
+                                    trained.out_dir)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    with torch.no_grad():
+        a, b = merged(ids).logits, ref(ids).logits
+    assert torch.allclose(a, b, atol=0.1, rtol=0.05)  # bf16 rounding of the merged weights
+    again = CliRunner().invoke(app, ["export", str(trained.out_dir), "--merge", "--out", str(out)])
+    assert again.exit_code == 2 and "already exists" in again.output
