@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from contextlib import asynccontextmanager
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
@@ -56,10 +57,23 @@ async def serve(settings: Settings, *, ready_callback=None) -> None:
     from server.api.http.app import create_app
 
     service = build(settings)
-    config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level="info",
-                            timeout_graceful_shutdown=10)
-    http = uvicorn.Server(config)
     grpc_server = None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        # Shut the engine down here, not after serve() returns: uvicorn re-raises
+        # SIGTERM/SIGINT once it has stopped, which would kill this process
+        # before a `finally` ran and orphan vLLM's engine-core processes.
+        try:
+            yield
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=5)
+            service.engine.shutdown()
+
+    config = uvicorn.Config(create_app(service, lifespan=lifespan), host=settings.host, port=settings.port,
+                            log_level="info", timeout_graceful_shutdown=10)
+    http = uvicorn.Server(config)
     if settings.grpc_port is not None:
         from server.api.grpc.server import start_grpc
 
@@ -67,9 +81,7 @@ async def serve(settings: Settings, *, ready_callback=None) -> None:
     try:
         await http.serve()
     finally:
-        if grpc_server is not None:
-            await grpc_server.stop(grace=5)
-        service.engine.shutdown()
+        service.engine.shutdown()  # idempotent; covers a failed startup
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

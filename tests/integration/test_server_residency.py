@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import psutil
 import pytest
 
 from tests.integration.conftest import _start_cluster
@@ -66,7 +67,11 @@ def test_restart_keeps_registry_and_reloads_on_demand(small):
         h.post("/v1/adapters/z/pin")
         before = {a["id"]: a for a in h.get("/v1/adapters").json()["data"]}
     want = c.client("alice").completions.create(model="tiny:y", prompt="hello", max_tokens=6, temperature=0)
-    c.server.stop()
+    engine_procs = psutil.Process(c.server.proc.pid).children(recursive=True)
+    assert engine_procs, "vLLM runs its engine core in child processes"
+    c.server.stop()  # SIGTERM, as a process manager would send
+    _, alive = psutil.wait_procs(engine_procs, timeout=30)
+    assert alive == [], "stopping the server must not orphan vLLM's engine processes"
     c.server.start()
     with c.http("alice") as h:
         after = {a["id"]: a for a in h.get("/v1/adapters").json()["data"]}

@@ -8,8 +8,8 @@ from server.api.http import adapters, errors, models, openai
 from server.service import Service
 
 
-def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="loraplex", summary="One vLLM base, many tenants' LoRA adapters.")
+def create_app(service: Service, *, lifespan=None) -> FastAPI:
+    app = FastAPI(title="loraplex", summary="One vLLM base, many tenants' LoRA adapters.", lifespan=lifespan)
     app.state.service = service
     errors.install(app)
     for r in (openai.router, models.router, adapters.router):
