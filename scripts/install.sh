@@ -43,7 +43,7 @@ if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [[ $(i
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null
 fi
 # 5. loraplex itself, editable, with its test dependencies.
-pip -e ".[dev]"
+pip -e ".[dev,bench]"
 
 rm -f "$VENV"/.loraplex-install-*
 touch "$stamp"
