@@ -20,7 +20,7 @@ import os
 import threading
 
 import psutil
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.registry import Collector
 from prometheus_client.metrics_core import GaugeMetricFamily
 

@@ -24,7 +24,7 @@ from server.adapters.store import AdapterStore, digest_dir
 from server.adapters.upload import BaseSpec, UploadFile, unpack, validate
 from server.config import Settings
 from server.engine.types import Completion, Sampling
-from server.errors import Conflict, EngineNotReady, InvalidArgument, NotFound, PermissionDenied, QuotaExceeded
+from server.errors import Conflict, EngineNotReady, InvalidArgument, PermissionDenied, QuotaExceeded
 from server.metrics import Metrics
 from server.tenants.auth import Authenticator
 from server.tenants.ratelimit import RateLimiter

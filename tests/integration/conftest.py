@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -30,7 +32,7 @@ def vllm_greedy(llm, prompts: list[str], lora=None, max_tokens: int = 12) -> lis
 class Cluster:
     """One running server plus the keys and adapter directories the tests use."""
 
-    def __init__(self, server, keys: dict[str, str], adapters: dict[str, "Path"], base: "Path",
+    def __init__(self, server, keys: dict[str, str], adapters: dict[str, Path], base: Path,
                  grpc_port: int | None = None):
         self.server, self.keys, self.adapters, self.base = server, keys, adapters, base
         self.grpc_port = grpc_port
