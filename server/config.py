@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     """KV cache size in bytes. Default on CPU: 1 GiB; on GPU: derived from gpu_memory_utilization."""
     adapter_cache_bytes: int = Field(4 << 30, ge=1)
     """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
+    adapter_queue_timeout_s: float = Field(30.0, ge=0.0)
+    """How long a request for a cold adapter waits for room while every loaded adapter is busy (503 after)."""
     enforce_eager: bool = False
     """Disable CUDA graphs / compilation (faster start, slower decode)."""
     host: str = "127.0.0.1"

@@ -72,11 +72,16 @@ class Events:
 
 
 class ResidencyManager:
-    def __init__(self, engine, *, budget_bytes: int, max_entries: int, events: Events | None = None):
+    def __init__(self, engine, *, budget_bytes: int, max_entries: int, events: Events | None = None,
+                 admission_timeout_s: float = 30.0):
         self.engine = engine
         self.budget_bytes = budget_bytes
         self.max_entries = max_entries
         self.events = events or Events()
+        self.admission_timeout_s = admission_timeout_s
+        """How long a cold adapter waits for room while every loaded one is busy, like a request
+        waiting in vLLM's queue, before it is refused with :class:`AdapterCacheFull`."""
+        self._freed = asyncio.Event()  # set whenever an adapter becomes idle (evictable)
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # guards admission/eviction decisions, not the loads themselves
@@ -128,8 +133,10 @@ class ResidencyManager:
 
     def release(self, entry: Entry) -> None:
         entry.refs -= 1
-        if entry.refs == 0 and entry.state is Residency.DRAINING:
-            asyncio.get_running_loop().create_task(self._unload(entry))
+        if entry.refs == 0:
+            if entry.state is Residency.DRAINING:
+                asyncio.get_running_loop().create_task(self._unload(entry))
+            self._freed.set()
 
     async def _load(self, entry: Entry) -> None:
         t0 = time.perf_counter()
@@ -142,21 +149,41 @@ class ResidencyManager:
         self.events.loaded(entry.key, time.perf_counter() - t0)
 
     async def _make_room(self, size_bytes: int) -> None:
-        """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock."""
+        """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock,
+        so cold loads queue behind this one in arrival order; warm hits never take the lock."""
         def over() -> bool:
             live = [e for e in self._entries.values()]
             return (len(live) + 1 > self.max_entries
                     or sum(e.size_bytes for e in live) + size_bytes > self.budget_bytes)
 
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_timeout_s
         while over():
             victim = next((e for e in self._entries.values()
                            if e.state is Residency.LOADED and not e.pinned and e.refs == 0), None)
             if victim is None:
-                raise AdapterCacheFull(
-                    f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
-                    "loaded adapter is pinned or serving requests; retry shortly or raise --adapter-cache-bytes")
+                if (self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
+                        or loop.time() >= deadline):
+                    raise AdapterCacheFull(
+                        f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
+                        "loaded adapter is pinned or serving requests; retry shortly or raise "
+                        "--adapter-cache-bytes / --max-cpu-loras")
+                # Every loaded adapter is serving: wait for one to finish, as vLLM's
+                # scheduler would hold the request, rather than fail it at once.
+                self._freed.clear()
+                try:
+                    await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
+                except TimeoutError:
+                    pass
+                continue
             await self._unload(victim)
             self.events.evicted(victim.key)
+
+    def _all_pinned(self, size_bytes: int) -> bool:
+        """Pins alone leave no room: waiting cannot help."""
+        pinned = [e for e in self._entries.values() if e.pinned]
+        return (len(pinned) + 1 > self.max_entries
+                or sum(e.size_bytes for e in pinned) + size_bytes > self.budget_bytes)
 
     async def _unload(self, entry: Entry) -> None:
         if self._entries.get(entry.key) is entry:

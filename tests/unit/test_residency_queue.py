@@ -1,0 +1,61 @@
+"""Admission when every loaded adapter is busy: wait for one to go idle (as vLLM's queue
+would hold the request), refuse at once only when pins alone fill the cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from server.adapters.residency import AdapterCacheFull, ResidencyManager
+
+
+class Engine:
+    """Stands in for vLLM's add/remove: the residency logic is what is under test."""
+
+    def __init__(self):
+        self.loaded: set[int] = set()
+
+    async def add_lora(self, name, lora_id, path):
+        self.loaded.add(lora_id)
+
+    async def remove_lora(self, lora_id):
+        self.loaded.discard(lora_id)
+
+
+def test_a_cold_adapter_waits_for_a_busy_one_to_finish():
+    async def main():
+        engine = Engine()
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=1, admission_timeout_s=5)
+        a = await r.acquire("t/a@1", "/a", 1)
+        b_task = asyncio.create_task(r.acquire("t/b@1", "/b", 1))
+        await asyncio.sleep(0.05)
+        assert not b_task.done()  # a is serving: b queues instead of failing
+        r.release(a)
+        b = await asyncio.wait_for(b_task, 1)
+        assert r.get("t/a@1") is None and engine.loaded == {b.lora_id}
+        r.release(b)
+
+    asyncio.run(main())
+
+
+def test_waiting_ends_with_a_503_after_the_timeout():
+    async def main():
+        r = ResidencyManager(Engine(), budget_bytes=10, max_entries=1, admission_timeout_s=0.05)
+        await r.acquire("t/a@1", "/a", 1)
+        with pytest.raises(AdapterCacheFull, match="cache is full"):
+            await r.acquire("t/b@1", "/b", 1)
+
+    asyncio.run(main())
+
+
+def test_pins_that_fill_the_cache_are_refused_without_waiting():
+    async def main():
+        r = ResidencyManager(Engine(), budget_bytes=10, max_entries=1, admission_timeout_s=60)
+        a = await r.acquire("t/a@1", "/a", 1, pinned=True)
+        r.release(a)
+        r.set_pinned("t/a@1", True)
+        with pytest.raises(AdapterCacheFull):
+            await asyncio.wait_for(r.acquire("t/b@1", "/b", 1), 1)
+
+    asyncio.run(main())
