@@ -21,7 +21,7 @@ from pathlib import Path
 from server.adapters.registry import AdapterRecord, AdapterRegistry, not_found, validate_name
 from server.adapters.residency import ResidencyManager
 from server.adapters.store import AdapterStore, digest_dir
-from server.adapters.upload import BaseSpec, UploadFile, unpack, validate
+from server.adapters.upload import AdapterInfo, BaseSpec, UploadFile, unpack, validate
 from server.config import Settings
 from server.engine.types import Completion, Sampling
 from server.errors import Conflict, EngineNotReady, InvalidArgument, PermissionDenied, QuotaExceeded
@@ -78,7 +78,8 @@ class Service:
         self.store = store
         self.metrics = metrics
         self.residency = ResidencyManager(engine, budget_bytes=settings.adapter_cache_bytes,
-                                          max_entries=settings.max_cpu_loras, events=metrics)
+                                          max_entries=settings.max_cpu_loras, events=metrics,
+                                          admission_timeout_s=settings.adapter_queue_timeout_s)
         self.started = int(time.time())
         self._snapshot: dict[tuple[str, str], AdapterRecord] = {}
         self._snapshot_gen = -1
@@ -153,7 +154,7 @@ class Service:
     async def generate(self, principal: Principal, gen: Generation, *, protocol: str,
                        endpoint: str) -> AsyncIterator[Completion]:
         """Stream deltas. Cancelling the consumer aborts the vLLM request."""
-        labels = self.metrics.labels(protocol, principal.tenant, gen.adapter.name if gen.adapter else None)
+        m = self.metrics.series(protocol, principal.tenant, gen.adapter.name if gen.adapter else None)
         t0 = time.perf_counter()
         status = "error"
         entry = None
@@ -168,11 +169,11 @@ class Service:
                 entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
                                                      pinned=rec.pinned)
                 lora = (entry.lora_name, entry.lora_id, entry.path)
-            self.metrics.queue.labels(*labels).observe(time.perf_counter() - t0)
+            m.queue.observe(time.perf_counter() - t0)
             async for delta in self.engine.generate(gen.prompt_ids, gen.sampling, request_id, lora=lora):
                 if first is None and delta.token_ids:
                     first = time.perf_counter()
-                    self.metrics.ttft.labels(*labels).observe(first - t0)
+                    m.ttft.observe(first - t0)
                 n_out += len(delta.token_ids)
                 yield delta
             finished = True
@@ -189,12 +190,12 @@ class Service:
             if entry is not None:
                 self.residency.release(entry)
             end = time.perf_counter()
-            self.metrics.requests.labels(*labels, endpoint, status).inc()
-            self.metrics.e2e.labels(*labels).observe(end - t0)
-            self.metrics.tokens_in.labels(*labels).inc(len(gen.prompt_ids))
-            self.metrics.tokens_out.labels(*labels).inc(n_out)
+            m.requests(endpoint, status).inc()
+            m.e2e.observe(end - t0)
+            m.tokens_in.inc(len(gen.prompt_ids))
+            m.tokens_out.inc(n_out)
             if first is not None and n_out > 1:
-                self.metrics.tpot.labels(*labels).observe((end - first) / (n_out - 1))
+                m.tpot.observe((end - first) / (n_out - 1))
 
     async def _abort(self, request_id: str) -> None:
         try:
@@ -225,13 +226,14 @@ class Service:
             self._check_new(ns, name, quotas)
         max_rank = min(self.settings.max_lora_rank, quotas.max_rank)
         with self.store.staging_dir() as staging:
-            unpack(files, tarball, staging)
-            info = await asyncio.to_thread(validate, staging, self.base_spec, max_rank=max_rank)
+            # File work (write, parse the header, hash) runs in a worker thread:
+            # an upload of hundreds of MB must not stall the streams being served.
+            info, digest = await asyncio.to_thread(self._stage, files, tarball, staging, max_rank)
             # put + register under one lock: a blob is never live-but-unregistered
             # when a failed registration deletes it.
             async with self._store_lock:
-                existed = self.store.exists(digest_dir(staging))
-                digest, _ = self.store.put(staging)
+                existed = self.store.exists(digest)
+                digest, _ = self.store.put(staging, digest=digest)
                 try:
                     if replace:
                         new, old = self.registry.replace(ns, name, digest, info)
@@ -243,6 +245,11 @@ class Service:
                     raise
         await self.residency.retire(old.key)
         return new
+
+    def _stage(self, files: list[UploadFile] | None, tarball: bytes | None, staging: Path,
+               max_rank: int) -> tuple[AdapterInfo, str]:
+        unpack(files, tarball, staging)
+        return validate(staging, self.base_spec, max_rank=max_rank), digest_dir(staging)
 
     def _check_new(self, tenant: str, name: str, quotas) -> None:
         active = self.registry.list(tenant)
@@ -297,7 +304,7 @@ class Service:
                                    f"({', '.join(map(str, roots)) or 'none configured'})", field="lora_path")
         if not real.is_dir():
             raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
-        files = [UploadFile(f.name, f.read_bytes()) for f in real.iterdir() if f.is_file()]
+        files = await asyncio.to_thread(_read_dir, real, roots)
         return await self.upload(principal, name, files=files, tenant=tenant)
 
     def _gc(self) -> None:
@@ -305,3 +312,17 @@ class Service:
             self.store.gc(self.registry.live_digests())
         except Exception:
             logger.warning("adapter store gc failed", exc_info=True)
+
+
+def _read_dir(path: Path, roots: list[Path]) -> list[UploadFile]:
+    """The adapter files of a server directory. A symlink may point anywhere under the
+    --lora-roots (say, at a shared weights file) but not outside them."""
+    files = []
+    for f in sorted(path.iterdir()):
+        if not f.is_file():
+            continue
+        if not any(f.resolve().is_relative_to(r) for r in roots):
+            raise PermissionDenied(f"{f.name} in lora_path links outside the configured --lora-roots",
+                                   field="lora_path")
+        files.append(UploadFile(f.name, f.read_bytes()))
+    return files

@@ -58,13 +58,14 @@ class AdapterStore:
         finally:
             shutil.rmtree(path, ignore_errors=True)
 
-    def put(self, staging_dir: Path) -> tuple[str, Path]:
+    def put(self, staging_dir: Path, *, digest: str | None = None) -> tuple[str, Path]:
         """Move a staged adapter into the store; returns ``(digest, path)``. An identical blob
-        already there is reused and the staged copy deleted."""
+        already there is reused and the staged copy deleted. ``digest`` is the caller's
+        :func:`digest_dir` of ``staging_dir``, if it computed one already (off the event loop)."""
         staging_dir = Path(staging_dir)
         if staging_dir.resolve().parent != self._staging.resolve():
             raise ValueError(f"{staging_dir} is not a staging directory of {self.root}")
-        digest = digest_dir(staging_dir)
+        digest = digest or digest_dir(staging_dir)
         final = self._blobs / digest
         if not final.exists():
             try:

@@ -22,3 +22,29 @@ def test_admin_loads_from_a_configured_root_and_unloads(cluster):
         assert escape.status_code == 403
     bob = cluster.client("bob")
     assert "tiny:gift" in {m.id for m in bob.models.list().data}
+
+
+def test_a_link_out_of_the_roots_is_refused_and_nothing_is_registered(cluster, tmp_path):
+    src = cluster.adapters["a3"]
+    outside = tmp_path / "weights.safetensors"  # tmp_path is not under --lora-roots
+    outside.write_bytes((src / "adapter_model.safetensors").read_bytes())
+    linked = src.parent / "linked-out"
+    linked.mkdir()
+    try:
+        (linked / "adapter_config.json").write_bytes((src / "adapter_config.json").read_bytes())
+        (linked / "adapter_model.safetensors").symlink_to(outside)
+        with cluster.http("admin") as admin:
+            r = admin.post("/v1/load_lora_adapter", json={"lora_name": "linked", "lora_path": str(linked)})
+            assert r.status_code == 403, r.text
+            assert r.json()["error"]["param"] == "lora_path" and "outside" in r.json()["error"]["message"]
+            assert admin.get("/v1/adapters/linked").status_code == 404
+            # A link that stays inside the roots is fine.
+            (linked / "adapter_model.safetensors").unlink()
+            (linked / "adapter_model.safetensors").symlink_to(src / "adapter_model.safetensors")
+            r = admin.post("/v1/load_lora_adapter", json={"lora_name": "linked", "lora_path": str(linked)})
+            assert r.status_code == 200, r.text
+            assert admin.post("/v1/unload_lora_adapter", json={"lora_name": "linked"}).status_code == 200
+    finally:
+        for f in linked.iterdir():
+            f.unlink()
+        linked.rmdir()
