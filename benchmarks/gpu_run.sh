@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU runs of benchmarks/README.md, one step per device call (each well under
+# 10 minutes), on a host staged as ../shared/gpu/README.md explains (vLLM 0.25.1):
+#
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh setup              # 8B base + adapters, ~2 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 loraplex      # ~7 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 vllm          # ~7 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 base peft     # ~5 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 loraplex      # bitsandbytes 4-bit
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 vllm
+#
+# Every step adds its rows to $BENCH_WORK/results/<config>/compare.json and copies
+# that, the plot, and the logs of this step to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+W=${BENCH_WORK:-/root/bench}
+M=$W/llama8b
+OUT=${OUT:-$W/out}
+mkdir -p "$OUT" "$W"
+step=$1
+shift
+
+common=(
+  --base "$M" --adapters 1 32 256 1000 --one-server --alpha 1
+  --distinct-weights 64 --cold 16 --pool "$W/adapters"
+  --duration "${BENCH_DURATION:-45}" --concurrency 128 --processes 8 --input-len 256 --output-len 128
+  --max-model-len 2048 --max-loras 32 --max-cpu-loras 256 --adapter-cache-bytes $((24 << 30))
+  --kv-cache-bytes $((16 << 30)) --peft-adapters 1 32 --peft-max-loaded 32
+)
+
+case $step in
+  setup)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    python3 -c "import vllm, bitsandbytes, fastapi, uvicorn, openai, pydantic_settings, typer, grpc, pynvml, \
+prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('imports ok, vllm', vllm.__version__)"
+    python3 benchmarks/models.py base --shape llama-3.1-8b --out "$M"
+    python3 benchmarks/models.py adapters --base "$M" --n 1000 --distinct 64 --out "$W/adapters"
+    python3 benchmarks/models.py adapters --base "$M" --n 16 --distinct 64 --prefix cold --out "$W/adapters"
+    df -h "$W" | tail -1
+    ;;
+  bf16 | bnb4)
+    quant=()
+    [ "$step" = bnb4 ] && quant=(--quantization bitsandbytes)
+    touch "$W/.mark"
+    timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/compare.py "${common[@]}" "${quant[@]}" --systems "$@" \
+      --append --work "$W/$step" --out "$W/results/$step" 2>&1 | grep -v "kernels-community" | tee "$OUT/$step-$1.log"
+    cp "$W/results/$step"/* "$OUT/" 2>/dev/null
+    for f in "$W/$step"/logs/*.log; do
+      [ "$f" -nt "$W/.mark" ] && tail -c 400000 "$f" > "$OUT/server-$(basename "$f")"
+    done
+    nvidia-smi --query-gpu=memory.used --format=csv
+    ;;
+  *)
+    echo "usage: gpu_run.sh setup | {bf16|bnb4} SYSTEM..." >&2
+    exit 2
+    ;;
+esac
