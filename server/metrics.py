@@ -58,10 +58,39 @@ class LabelBudget:
         return "other"
 
 
+class Series:
+    """One (protocol, tenant, adapter) label set's children, looked up once.
+
+    ``Family.labels(...)`` stringifies and validates its arguments and takes a
+    lock on every call; a request made seven such calls. The cache is bounded
+    by the label budget, and holds the same children the families keep anyway.
+    """
+
+    __slots__ = ("labels", "queue", "ttft", "e2e", "tpot", "tokens_in", "tokens_out", "_requests", "_family")
+
+    def __init__(self, m: Metrics, labels: tuple[str, str, str]):
+        self.labels = labels
+        self.queue = m.queue.labels(*labels)
+        self.ttft = m.ttft.labels(*labels)
+        self.e2e = m.e2e.labels(*labels)
+        self.tpot = m.tpot.labels(*labels)
+        self.tokens_in = m.tokens_in.labels(*labels)
+        self.tokens_out = m.tokens_out.labels(*labels)
+        self._family = m.requests
+        self._requests: dict[tuple[str, str], Counter] = {}
+
+    def requests(self, endpoint: str, status: str):
+        child = self._requests.get((endpoint, status))
+        if child is None:
+            child = self._requests[(endpoint, status)] = self._family.labels(*self.labels, endpoint, status)
+        return child
+
+
 class Metrics(Events):
     def __init__(self, *, top_n: int = 20):
         self.adapters = LabelBudget(top_n)
         self.tenants = LabelBudget(top_n)
+        self._series: dict[tuple[str, str, str], Series] = {}
         self.requests = _family(Counter, "loraplex_requests_total", "Requests by outcome.",
                                 (*_LABELS, "endpoint", "status"))
         self.e2e = _family(Histogram, "loraplex_request_duration_seconds", "End-to-end request latency.",
@@ -83,6 +112,14 @@ class Metrics(Events):
 
     def labels(self, protocol: str, tenant: str, adapter: str | None) -> tuple[str, str, str]:
         return protocol, self.tenants(tenant), self.adapters(f"{tenant}/{adapter}") if adapter else "-"
+
+    def series(self, protocol: str, tenant: str, adapter: str | None) -> Series:
+        """The request metrics' children for this label set (see :class:`Series`)."""
+        labels = self.labels(protocol, tenant, adapter)
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = Series(self, labels)
+        return series
 
     # residency events
     def hit(self, key: str) -> None:
