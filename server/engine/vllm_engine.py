@@ -56,6 +56,21 @@ class EngineOptions:
     seed: int
 
 
+_vllm_types: tuple | None = None
+
+
+def _request_types():
+    """(SamplingParams, LoRARequest, RequestOutputKind), imported once: ``from vllm import X`` inside
+    ``generate`` went through vllm's lazy module ``__getattr__`` (an import_module call) on every request."""
+    global _vllm_types
+    if _vllm_types is None:
+        from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        _vllm_types = (SamplingParams, LoRARequest, RequestOutputKind)
+    return _vllm_types
+
+
 class VllmEngine:
     def __init__(self, opts: EngineOptions):
         self.opts = opts
@@ -97,10 +112,7 @@ class VllmEngine:
     async def generate(self, prompt_ids: list[int], sampling: Sampling, request_id: str, *,
                        lora: tuple[str, int, str] | None = None) -> AsyncIterator[Completion]:
         """Stream deltas per choice. ``lora`` is (name, int id, path) of an adapter already added."""
-        from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
-        from vllm.sampling_params import RequestOutputKind
-
+        SamplingParams, LoRARequest, RequestOutputKind = _request_types()
         try:
             params = SamplingParams(
                 n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
