@@ -105,7 +105,8 @@ class Metrics(Events):
         self.tokens_in = _family(Counter, "loraplex_prompt_tokens_total", "Prompt tokens.", _LABELS)
         self.tokens_out = _family(Counter, "loraplex_generation_tokens_total", "Generated tokens.", _LABELS)
         self.load_time = _family(Histogram, "loraplex_adapter_load_duration_seconds",
-                                 "Adapter load into the engine.", buckets=_LATENCY)
+                                 "Cold start of an adapter: from its admission to the first token of the request that brought it in "
+                                 "(vLLM loads it in that request's first step), or a pin's explicit load.", buckets=_LATENCY)
         self.cache_hits = _family(Counter, "loraplex_adapter_cache_hits_total", "Requests whose adapter was loaded.")
         self.cache_misses = _family(Counter, "loraplex_adapter_cache_misses_total", "Requests that loaded an adapter.")
         self.evictions = _family(Counter, "loraplex_adapter_cache_evictions_total", "Adapters evicted (LRU).")
@@ -194,20 +195,27 @@ def _gpu_memory():
     yield total
 
 
+# vLLM sets one child of this gauge per distinct (waiting, running) set of adapter names
+# and never removes any: with hundreds of adapters it grows by thousands of series an
+# hour. loraplex_adapters{tier} says what it would, with bounded labels.
+_DROPPED = frozenset({"vllm:lora_requests_info"})
+
+
 class Exposition:
     """What /metrics serves: the default registry, with vLLM's names made conventional."""
 
     def collect(self):
         for family in REGISTRY.collect():
+            if family.name in _DROPPED:
+                continue
             if family.name.startswith("vllm:"):
                 old = family.name
                 new = old.replace(":", "_")
                 if family.type != "counter" and new.endswith("_total"):
                     new = new.removesuffix("_total")
                 family.name = new
-                for sample in family.samples:
-                    sample_name = new + sample.name[len(old):] if sample.name.startswith(old) else sample.name
-                    family.samples[family.samples.index(sample)] = sample._replace(name=sample_name)
+                family.samples = [s._replace(name=new + s.name[len(old):]) if s.name.startswith(old) else s
+                                  for s in family.samples]
             yield family
 
 

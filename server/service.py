@@ -20,8 +20,8 @@ from pathlib import Path
 
 from server.adapters.registry import AdapterRecord, AdapterRegistry, not_found, validate_name
 from server.adapters.residency import ResidencyManager
-from server.adapters.store import AdapterStore, digest_dir
-from server.adapters.upload import AdapterInfo, BaseSpec, UploadFile, unpack, validate
+from server.adapters.store import AdapterStore, digest_dir, digest_files
+from server.adapters.upload import AdapterInfo, BaseSpec, UploadFile, accepted_files, unpack, validate
 from server.config import Settings
 from server.engine.types import Completion, Sampling
 from server.errors import Conflict, EngineNotReady, InvalidArgument, PermissionDenied, QuotaExceeded
@@ -174,6 +174,8 @@ class Service:
                 if first is None and delta.token_ids:
                     first = time.perf_counter()
                     m.ttft.observe(first - t0)
+                    if entry is not None:
+                        self.residency.first_token(entry)
                 n_out += len(delta.token_ids)
                 yield delta
             finished = True
@@ -228,12 +230,20 @@ class Service:
         with self.store.staging_dir() as staging:
             # File work (write, parse the header, hash) runs in a worker thread:
             # an upload of hundreds of MB must not stall the streams being served.
-            info, digest = await asyncio.to_thread(self._stage, files, tarball, staging, max_rank)
+            known = await asyncio.to_thread(self._known_blob, files, max_rank) if files is not None else None
+            if known is None:
+                info, digest = await asyncio.to_thread(self._stage, files, tarball, staging, max_rank)
+            else:
+                info, digest = known
             # put + register under one lock: a blob is never live-but-unregistered
             # when a failed registration deletes it.
             async with self._store_lock:
                 existed = self.store.exists(digest)
-                digest, _ = self.store.put(staging, digest=digest)
+                if known is not None and not self.store.reuse(digest):  # gc took it meanwhile: store it
+                    info, digest = await asyncio.to_thread(self._stage, files, tarball, staging, max_rank)
+                    known = None
+                if known is None:
+                    digest, _ = self.store.put(staging, digest=digest)
                 try:
                     if replace:
                         new, old = self.registry.replace(ns, name, digest, info)
@@ -245,6 +255,14 @@ class Service:
                     raise
         await self.residency.retire(old.key)
         return new
+
+    def _known_blob(self, files: list[UploadFile], max_rank: int) -> tuple[AdapterInfo, str] | None:
+        """The same bytes are in the store already (many tenants, one fine-tune): check them
+        for this tenant in place and skip writing and syncing another copy."""
+        digest = digest_files(accepted_files(files))
+        if not self.store.exists(digest):
+            return None
+        return validate(self.store.path(digest), self.base_spec, max_rank=max_rank), digest
 
     def _stage(self, files: list[UploadFile] | None, tarball: bytes | None, staging: Path,
                max_rank: int) -> tuple[AdapterInfo, str]:
@@ -279,7 +297,10 @@ class Service:
         if pinned:  # pinning keeps it warm: load now
             entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
                                                  pinned=True)
-            self.residency.release(entry)
+            try:
+                await self.residency.preload(entry)
+            finally:
+                self.residency.release(entry)
         self.residency.set_pinned(rec.key, pinned)
         return rec
 

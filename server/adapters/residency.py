@@ -1,17 +1,25 @@
-"""Which adapters are loaded in the engine, and which leave when memory runs short.
+"""Which adapters are in the engine, and which leave when memory runs short.
 
 Two tiers, as in S-LoRA: vLLM holds up to ``max_loras`` adapters in GPU slots
 for the running batch and swaps them in from its host-memory tier by itself.
-This module owns the host tier: it decides what is *added* to the engine, keeps
-it under a byte budget (``--adapter-cache-bytes``) and ``max_cpu_loras``
+This module owns the host tier: it decides what is *admitted* to the engine,
+keeps it under a byte budget (``--adapter-cache-bytes``) and ``max_cpu_loras``
 entries, and evicts the least recently used adapter that is neither pinned nor
 serving a request.
 
-- A request for an adapter not in the engine triggers a load; concurrent
-  requests for the same cold adapter share that one load (single flight).
+- Admission does not load anything: the request carries the adapter's path in
+  its ``LoRARequest``, and vLLM's worker loads it inside the step that first
+  schedules it, as raw vLLM does. An explicit ``add_lora`` per cold adapter is
+  a round trip to the engine core that blocks its step loop, and serialised
+  behind one lock it cut throughput at 256-1000 adapters on an H100 to 0.56x of
+  raw vLLM (benchmarks/results/h100/bf16/before-fix-*).
+- Eviction sends ``remove_lora`` in the background; the request that caused it
+  does not wait for it.
 - Every request holds a reference for its whole life; an adapter with
   references is never evicted, and a retired version (after a hot replace or
   delete) leaves the engine only once its last in-flight request finishes.
+- When every admitted adapter is busy, a cold one waits for one to go idle (up
+  to ``admission_timeout_s``), as vLLM's own queue would hold it.
 """
 
 from __future__ import annotations
@@ -37,8 +45,7 @@ class AdapterCacheFull(LoraplexError):
 
 
 class Residency(enum.StrEnum):
-    LOADING = "loading"
-    LOADED = "loaded"
+    LOADED = "loaded"  # admitted: vLLM loads it (if it has not yet) in the next step that needs it
     DRAINING = "draining"  # retired or deleted; leaves the engine when its last request ends
 
 
@@ -49,11 +56,12 @@ class Entry:
     lora_id: int
     path: str
     size_bytes: int
-    state: Residency = Residency.LOADING
+    state: Residency = Residency.LOADED
     pinned: bool = False
     refs: int = 0
-    loaded: asyncio.Future | None = None
     last_used: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    """Set until the first token after admission: the cold start is measured to there."""
 
     @property
     def lora_name(self) -> str:
@@ -82,6 +90,7 @@ class ResidencyManager:
         """How long a cold adapter waits for room while every loaded one is busy, like a request
         waiting in vLLM's queue, before it is refused with :class:`AdapterCacheFull`."""
         self._freed = asyncio.Event()  # set whenever an adapter becomes idle (evictable)
+        self._tasks: set[asyncio.Task] = set()  # background removals, referenced until done
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # guards admission/eviction decisions, not the loads themselves
@@ -101,56 +110,56 @@ class ResidencyManager:
     # ------------------------------------------------------------ request path
 
     async def acquire(self, key: str, path: str, size_bytes: int, *, pinned: bool = False) -> Entry:
-        """Make sure the adapter version is in the engine and hold a reference to it."""
+        """Admit the adapter version to the engine (if it is not) and hold a reference to it."""
         entry = self._entries.get(key)
-        if entry is not None and entry.state is Residency.LOADED:
-            # Hot path: no lock, no await.
-            entry.refs += 1
-            entry.last_used = time.monotonic()
-            self._entries.move_to_end(key)
-            self.events.hit(key)
-            return entry
-        if entry is None or entry.state is Residency.DRAINING:
-            async with self._lock:
+        if entry is None:
+            async with self._lock:  # admissions and evictions in arrival order
                 entry = self._entries.get(key)
                 if entry is None:
                     self.events.miss(key)
                     await self._make_room(size_bytes)
-                    entry = Entry(key, next(self._ids), path, size_bytes, pinned=pinned)
-                    entry.loaded = asyncio.get_running_loop().create_task(self._load(entry))
+                    entry = Entry(key, next(self._ids), path, size_bytes, pinned=pinned,
+                                  admitted_at=time.perf_counter())
                     self._entries[key] = entry
+                else:
+                    self.events.hit(key)
         else:
-            self.events.hit(key)  # loading already: join it
+            self.events.hit(key)  # the hot path: no lock, no await
         entry.refs += 1
-        try:
-            await asyncio.shield(entry.loaded)
-        except BaseException:
-            entry.refs -= 1
-            raise
         entry.last_used = time.monotonic()
-        self._entries.move_to_end(key)
+        if entry.state is Residency.LOADED:
+            self._entries.move_to_end(key)
         return entry
+
+    def first_token(self, entry: Entry) -> None:
+        """The engine produced a token with this adapter: after admission, that ends its cold start."""
+        if entry.admitted_at is not None:
+            self.events.loaded(entry.key, time.perf_counter() - entry.admitted_at)
+            entry.admitted_at = None
 
     def release(self, entry: Entry) -> None:
         entry.refs -= 1
         if entry.refs == 0:
             if entry.state is Residency.DRAINING:
-                asyncio.get_running_loop().create_task(self._unload(entry))
+                self._in_background(self._unload(entry))
             self._freed.set()
 
-    async def _load(self, entry: Entry) -> None:
+    async def preload(self, entry: Entry) -> None:
+        """Load now rather than at first use (pinning does this): an explicit engine round trip."""
         t0 = time.perf_counter()
-        try:
-            await self.engine.add_lora(entry.lora_name, entry.lora_id, entry.path)
-        except BaseException:
-            self._entries.pop(entry.key, None)
-            raise
-        entry.state = Residency.LOADED
-        self.events.loaded(entry.key, time.perf_counter() - t0)
+        await self.engine.add_lora(entry.lora_name, entry.lora_id, entry.path)
+        if entry.admitted_at is not None:
+            self.events.loaded(entry.key, time.perf_counter() - t0)
+            entry.admitted_at = None
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _make_room(self, size_bytes: int) -> None:
         """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock,
-        so cold loads queue behind this one in arrival order; warm hits never take the lock."""
+        so cold admissions queue behind this one in arrival order; warm hits never take the lock."""
         def over() -> bool:
             live = [e for e in self._entries.values()]
             return (len(live) + 1 > self.max_entries
@@ -168,7 +177,7 @@ class ResidencyManager:
                         f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
                         "loaded adapter is pinned or serving requests; retry shortly or raise "
                         "--adapter-cache-bytes / --max-cpu-loras")
-                # Every loaded adapter is serving: wait for one to finish, as vLLM's
+                # Every admitted adapter is serving: wait for one to finish, as vLLM's
                 # scheduler would hold the request, rather than fail it at once.
                 self._freed.clear()
                 try:
@@ -176,8 +185,9 @@ class ResidencyManager:
                 except TimeoutError:
                     pass
                 continue
-            await self._unload(victim)
+            del self._entries[victim.key]
             self.events.evicted(victim.key)
+            self._in_background(self._remove(victim))
 
     def _all_pinned(self, size_bytes: int) -> bool:
         """Pins alone leave no room: waiting cannot help."""
@@ -188,9 +198,12 @@ class ResidencyManager:
     async def _unload(self, entry: Entry) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+        await self._remove(entry)
+
+    async def _remove(self, entry: Entry) -> None:
         try:
             await self.engine.remove_lora(entry.lora_id)
-        except Exception:  # the engine may already have dropped it; nothing to keep
+        except Exception:  # the engine may never have loaded it, or dropped it already
             logger.warning("removing adapter %s from the engine failed", entry.key, exc_info=True)
 
     # ------------------------------------------------------------ management
@@ -202,8 +215,6 @@ class ResidencyManager:
             return
         entry.state = Residency.DRAINING
         if entry.refs == 0:
-            if entry.loaded is not None and not entry.loaded.done():
-                await asyncio.shield(entry.loaded)
             await self._unload(entry)
 
     def set_pinned(self, key: str, pinned: bool) -> None:
