@@ -82,6 +82,7 @@ class VllmEngine:
 
     def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         o = self.opts
@@ -100,7 +101,11 @@ class VllmEngine:
             enable_prefix_caching=True,
         )
         logger.info("starting vLLM %s on %s", vllm_version(), o.model)
-        self._llm = AsyncLLM.from_engine_args(args)
+        # vLLM sizes its defaults (max_num_batched_tokens, max_num_seqs) by who drives it;
+        # loraplex is an OpenAI server, so it takes what `vllm serve` takes. The engine-context
+        # default is 2048 batched tokens against serve's 8192 on an H100, which cost 10-40%
+        # throughput side by side with raw vLLM.
+        self._llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
 
     def shutdown(self) -> None:
         if self._llm is not None:
