@@ -101,6 +101,8 @@ class GpuMemory:
     """Peak GPU memory during a session, two ways: loraplex's /metrics (NVML) and nvidia-smi."""
 
     def __init__(self, metrics_url: str | None):
+        """``metrics_url``: a server to scrape every 0.5 s as well, loraplex's or raw vLLM's --
+        both are scraped alike, so the scrape's cost lands on both sides."""
         import threading
 
         self.url = metrics_url
@@ -118,7 +120,7 @@ class GpuMemory:
                 smi = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                      capture_output=True, text=True, timeout=10).stdout.split()
                 self.peak_smi = max(self.peak_smi, sum(float(x) for x in smi) * 2**20)
-                if self.url:
+                if self.url:  # 0 from raw vLLM, which has no such gauge
                     self.peak_metrics = max(self.peak_metrics, metric(self.url, "loraplex_gpu_memory_used_bytes"))
                 self.samples += 1
             except Exception:  # a sample missed while the server is busy is not an error
@@ -271,7 +273,7 @@ def run_vllm(a, base: Path, adapters: list[Path], cold: list[Path], counts: list
     started = time.perf_counter() - t0
     print(f"   started in {started:.0f} s", flush=True)
     try:
-        mem = GpuMemory(None)
+        mem = GpuMemory(url)
         if lora:
             rows = phases(a, "vllm", url, "none", counts, [d.name for d in adapters], lambda x: x, None)
         else:
