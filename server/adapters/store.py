@@ -31,13 +31,25 @@ _CHUNK = 1 << 20
 
 def digest_dir(path: Path) -> str:
     """sha256 over ``name \\0 sha256(file) \\n`` for each regular file, sorted by name."""
-    outer = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
+    files = {}
+    for f in (p for p in path.iterdir() if p.is_file()):
         inner = hashlib.sha256()
         with f.open("rb") as fh:
             while chunk := fh.read(_CHUNK):
                 inner.update(chunk)
-        outer.update(f"{f.name}\0{inner.hexdigest()}\n".encode())
+        files[f.name] = inner.hexdigest()
+    return combine_digests(files)
+
+
+def digest_files(files: dict[str, bytes]) -> str:
+    """What :func:`digest_dir` gives for a directory holding exactly these files."""
+    return combine_digests({name: hashlib.sha256(data).hexdigest() for name, data in files.items()})
+
+
+def combine_digests(file_digests: dict[str, str]) -> str:
+    outer = hashlib.sha256()
+    for name in sorted(file_digests):
+        outer.update(f"{name}\0{file_digests[name]}\n".encode())
     return outer.hexdigest()
 
 
@@ -88,6 +100,14 @@ class AdapterStore:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_dir()
+
+    def reuse(self, digest: str) -> bool:
+        """Refer to a blob already stored (fresh again for gc's grace period); False if absent."""
+        try:
+            os.utime(self.path(digest))
+            return True
+        except FileNotFoundError:
+            return False
 
     def size_bytes(self, digest: str) -> int:
         return sum(f.stat().st_size for f in self.path(digest).iterdir() if f.is_file())

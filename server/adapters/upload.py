@@ -119,6 +119,25 @@ def unpack(files: list[UploadFile] | None, tarball: bytes | None, dest: Path, *,
         written = _unpack_files(files, dest, max_bytes)
     else:
         written = _unpack_tarball(tarball, dest, max_bytes)
+    _require(written)
+
+
+def accepted_files(files: list[UploadFile], *, max_bytes: int = MAX_UPLOAD_BYTES) -> dict[str, bytes]:
+    """The files :func:`unpack` would write, by name, under the same rules, writing nothing:
+    lets an upload of bytes already in the store skip the copy."""
+    if sum(len(f.data) for f in files) > max_bytes:
+        raise AdapterRejected(f"the upload is larger than {max_bytes} bytes", field="files")
+    kept: dict[str, bytes] = {}
+    for f in files:
+        if _accept(f.filename):
+            if f.filename in kept:
+                raise AdapterRejected(f"{f.filename!r} appears twice in the upload", field="files")
+            kept[f.filename] = f.data
+    _require(set(kept))
+    return kept
+
+
+def _require(written: set[str]) -> None:
     if missing := [n for n in (CONFIG, WEIGHTS) if n not in written]:
         raise AdapterRejected(f"the upload has no {' and no '.join(missing)}; an adapter needs {CONFIG} and "
                               f"{WEIGHTS} (what PEFT's save_pretrained writes)", field="files")

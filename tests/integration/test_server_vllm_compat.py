@@ -48,3 +48,22 @@ def test_a_link_out_of_the_roots_is_refused_and_nothing_is_registered(cluster, t
         for f in linked.iterdir():
             f.unlink()
         linked.rmdir()
+
+
+def test_the_same_bytes_uploaded_twice_share_one_blob_under_the_same_rules(cluster):
+    src = cluster.adapters["a3"]
+    files = [("files", (f.name, f.read_bytes())) for f in sorted(src.iterdir()) if f.suffix in (".json", ".safetensors")]
+    with cluster.http("admin") as admin:
+        first = admin.post("/v1/adapters", data={"name": "dup-1"}, files=files)
+        assert first.status_code == 201, first.text
+        # Known bytes plus a pickle: still refused, and nothing registered.
+        bad = admin.post("/v1/adapters", data={"name": "dup-2"}, files=[*files, ("files", ("evil.bin", b"x"))])
+        assert bad.status_code == 400 and "pickle" in bad.json()["error"]["message"]
+        assert admin.get("/v1/adapters/dup-2").status_code == 404
+        second = admin.post("/v1/adapters", data={"name": "dup-2"}, files=files)
+        assert second.status_code == 201, second.text
+        assert second.json()["digest"] == first.json()["digest"]
+        out = admin.post("/v1/completions", json={"model": "tiny:dup-2", "prompt": "hello", "max_tokens": 3})
+        assert out.status_code == 200
+        for name in ("dup-1", "dup-2"):
+            assert admin.delete(f"/v1/adapters/{name}").status_code == 200
