@@ -37,6 +37,7 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     python3 benchmarks/models.py adapters --base "$M" --n 1000 --distinct 64 --out "$W/adapters"
     python3 benchmarks/models.py adapters --base "$M" --n 16 --distinct 64 --prefix cold --out "$W/adapters"
     df -h "$W" | tail -1
+    python3 benchmarks/pinned_alloc.py "$W/adapters/a0/adapter_model.safetensors" --n 16
     ;;
   bf16 | bnb4)
     quant=()
@@ -46,7 +47,7 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
       --append --work "$W/$step" --out "$W/results/$step" 2>&1 | grep -v "kernels-community" | tee "$OUT/$step-$1.log"
     cp "$W/results/$step"/* "$OUT/" 2>/dev/null
     for f in "$W/$step"/logs/*.log; do
-      [ "$f" -nt "$W/.mark" ] && tail -c 400000 "$f" > "$OUT/server-$(basename "$f")"
+      [ "$f" -nt "$W/.mark" ] && { head -c 150000 "$f"; echo "[...]"; tail -c 250000 "$f"; } > "$OUT/server-$(basename "$f")"
     done
     nvidia-smi --query-gpu=memory.used --format=csv
     ;;

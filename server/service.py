@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.adapters.registry import AdapterRecord, AdapterRegistry, not_found, validate_name
-from server.adapters.residency import ResidencyManager
+from server.adapters.residency import AdapterCacheFull, ResidencyManager
 from server.adapters.store import AdapterStore, digest_dir, digest_files
 from server.adapters.upload import AdapterInfo, BaseSpec, UploadFile, accepted_files, unpack, validate
 from server.config import Settings
 from server.engine.types import Completion, Sampling
-from server.errors import Conflict, EngineNotReady, InvalidArgument, PermissionDenied, QuotaExceeded
+from server.errors import AdapterRejected, Conflict, EngineNotReady, InvalidArgument, PermissionDenied, QuotaExceeded
 from server.metrics import Metrics
 from server.tenants.auth import Authenticator
 from server.tenants.ratelimit import RateLimiter
@@ -295,12 +295,7 @@ class Service:
         self.registry.set_pinned(ns, name, pinned)
         rec = self.registry.get(ns, name)
         if pinned:  # pinning keeps it warm: load now
-            entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
-                                                 pinned=True)
-            try:
-                await self.residency.preload(entry)
-            finally:
-                self.residency.release(entry)
+            await self.warm(rec, wait=True)
         self.residency.set_pinned(rec.key, pinned)
         return rec
 
@@ -326,7 +321,28 @@ class Service:
         if not real.is_dir():
             raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
         files = await asyncio.to_thread(_read_dir, real, roots)
-        return await self.upload(principal, name, files=files, tenant=tenant)
+        rec = await self.upload(principal, name, files=files, tenant=tenant)
+        try:
+            await self.warm(rec)
+        except AdapterCacheFull:
+            logger.info("adapter %s registered; not preloaded: the adapter cache is full of busy adapters", rec.key)
+        except Exception as e:
+            await self.delete_adapter(principal, name, tenant)  # nothing half-registered
+            raise AdapterRejected(f"vLLM could not load the adapter at {path}: {e}", field="lora_path") from None
+        return rec
+
+    async def warm(self, rec: AdapterRecord, *, wait: bool = False) -> None:
+        """Load a registered adapter into the engine's host tier now, as vLLM's own
+        ``/v1/load_lora_adapter`` and ``--lora-modules`` do: the engine validates it, and
+        its first request finds it in memory. If that needs room, the least recently used
+        idle adapter leaves (its pinned host memory is reused for this one); with every
+        adapter busy it raises :class:`AdapterCacheFull` at once unless ``wait``."""
+        entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
+                                             pinned=rec.pinned, wait=wait)
+        try:
+            await self.residency.preload(entry)
+        finally:
+            self.residency.release(entry)
 
     def _gc(self) -> None:
         try:

@@ -109,15 +109,17 @@ class ResidencyManager:
 
     # ------------------------------------------------------------ request path
 
-    async def acquire(self, key: str, path: str, size_bytes: int, *, pinned: bool = False) -> Entry:
-        """Admit the adapter version to the engine (if it is not) and hold a reference to it."""
+    async def acquire(self, key: str, path: str, size_bytes: int, *, pinned: bool = False,
+                      wait: bool = True) -> Entry:
+        """Admit the adapter version to the engine (if it is not) and hold a reference to it.
+        ``wait=False``: refuse at once (:class:`AdapterCacheFull`) rather than wait for room."""
         entry = self._entries.get(key)
         if entry is None:
             async with self._lock:  # admissions and evictions in arrival order
                 entry = self._entries.get(key)
                 if entry is None:
                     self.events.miss(key)
-                    await self._make_room(size_bytes)
+                    await self._make_room(size_bytes, wait=wait)
                     entry = Entry(key, next(self._ids), path, size_bytes, pinned=pinned,
                                   admitted_at=time.perf_counter())
                     self._entries[key] = entry
@@ -157,7 +159,7 @@ class ResidencyManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _make_room(self, size_bytes: int) -> None:
+    async def _make_room(self, size_bytes: int, *, wait: bool = True) -> None:
         """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock,
         so cold admissions queue behind this one in arrival order; warm hits never take the lock."""
         def over() -> bool:
@@ -171,7 +173,7 @@ class ResidencyManager:
             victim = next((e for e in self._entries.values()
                            if e.state is Residency.LOADED and not e.pinned and e.refs == 0), None)
             if victim is None:
-                if (self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
+                if (not wait or self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
                         or loop.time() >= deadline):
                     raise AdapterCacheFull(
                         f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import re
+
+
+def _metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
 
 def test_admin_loads_from_a_configured_root_and_unloads(cluster):
     src = cluster.adapters["a3"]  # the session's adapter directory is a configured --lora-roots
     with cluster.http("admin") as admin:
+        loads = _metric(admin, "loraplex_adapter_load_duration_seconds_count")
         r = admin.post("/v1/load_lora_adapter", json={"lora_name": "from-disk", "lora_path": str(src)})
         assert r.status_code == 200 and "added successfully" in r.text
+        # Loaded into the engine now, as vLLM's endpoint does: the first request is a cache hit.
+        assert admin.get("/v1/adapters/from-disk").json()["residency"] == "loaded"
+        assert _metric(admin, "loraplex_adapter_load_duration_seconds_count") == loads + 1
+        misses = _metric(admin, "loraplex_adapter_cache_misses_total")
         models = {m["id"] for m in admin.get("/v1/models").json()["data"]}
         assert "tiny:from-disk" in models
         out = admin.post("/v1/completions", json={"model": "tiny:from-disk", "prompt": "hello", "max_tokens": 3})
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
+        assert _metric(admin, "loraplex_adapter_cache_misses_total") == misses
         # Into another tenant's namespace: the admin picks it.
         r = admin.post("/v1/load_lora_adapter", json={"lora_name": "gift", "lora_path": str(src), "tenant": "bob"})
         assert r.status_code == 200

@@ -63,3 +63,22 @@ def test_pins_that_fill_the_cache_are_refused_without_waiting():
             await asyncio.wait_for(r.acquire("t/b@1", "/b", 1), 1)
 
     asyncio.run(main())
+
+
+def test_a_preload_that_needs_a_busy_adapter_gone_is_refused_at_once():
+    """/v1/load_lora_adapter warms the cache with wait=False: registering must not hang on traffic."""
+    async def main():
+        engine = Engine()
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=1, admission_timeout_s=60)
+        a = await r.acquire("t/a@1", "/a", 1)
+        with pytest.raises(AdapterCacheFull):
+            await asyncio.wait_for(r.acquire("t/b@1", "/b", 1, wait=False), 1)
+        assert r.get("t/b@1") is None and r.get("t/a@1") is a  # nothing admitted, nothing evicted
+        r.release(a)
+        b = await r.acquire("t/b@1", "/b", 1, wait=False)  # idle now: a makes room at once
+        await r.preload(b)
+        await asyncio.sleep(0)
+        assert engine.added == [b.lora_id] and engine.removed == [a.lora_id]
+        r.release(b)
+
+    asyncio.run(main())
