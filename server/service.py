@@ -326,10 +326,19 @@ class Service:
             await self.warm(rec)
         except AdapterCacheFull:
             logger.info("adapter %s registered; not preloaded: the adapter cache is full of busy adapters", rec.key)
-        except Exception as e:
-            await self.delete_adapter(principal, name, tenant)  # nothing half-registered
+        except Exception as e:  # whatever vLLM raised: it refused this adapter
+            await self._unregister(rec)  # nothing half-registered
             raise AdapterRejected(f"vLLM could not load the adapter at {path}: {e}", field="lora_path") from None
         return rec
+
+    async def _unregister(self, rec: AdapterRecord) -> None:
+        """Undo a registration that just happened: the record, its engine entry, and its blob
+        unless another adapter shares it (not left to gc's grace period)."""
+        async with self._store_lock:
+            self.registry.delete(rec.tenant, rec.name)
+            if rec.digest not in self.registry.live_digests():
+                self.store.delete(rec.digest)
+        await self.residency.retire(rec.key)
 
     async def warm(self, rec: AdapterRecord, *, wait: bool = False) -> None:
         """Load a registered adapter into the engine's host tier now, as vLLM's own

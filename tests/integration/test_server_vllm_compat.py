@@ -7,7 +7,7 @@ import re
 
 def _metric(client, name: str) -> float:
     text = client.get("/metrics").text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
 
 
 def test_admin_loads_from_a_configured_root_and_unloads(cluster):
