@@ -9,6 +9,7 @@ service renders chat templates and counts tokens once, before the engine.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -71,6 +72,20 @@ def _request_types():
     return _vllm_types
 
 
+def _enable_patches() -> None:
+    """Turn on loraplex's vLLM plugin (``vllm_patches``) for the engine processes about to start.
+    On CPU it is what keeps base requests off other tenants' adapters, so a run from a source
+    tree that vLLM cannot find the plugin in is refused rather than served wrong."""
+    from server.engine import vllm_patches
+
+    os.environ[vllm_patches.ENV] = "1"
+    if not on_gpu() and not vllm_patches.plugin_installed():
+        raise EngineConfigError(
+            "loraplex's vLLM plugin is not installed, and without it vLLM's CPU LoRA kernels compute base "
+            "requests with another adapter's weights; install the package (pip install -e . or "
+            "bash scripts/install.sh), which registers it")
+
+
 class VllmEngine:
     def __init__(self, opts: EngineOptions):
         self.opts = opts
@@ -90,6 +105,7 @@ class VllmEngine:
             raise EngineConfigError(
                 f"--quantization {o.quantization!r} is not offered by the installed vLLM {vllm_version()}; "
                 f"it offers: {', '.join(available_quantizations())}")
+        _enable_patches()
         kv = o.kv_cache_bytes
         if kv is None and not on_gpu():
             kv = 1 << 30  # on CPU vLLM would otherwise reserve a fraction of host RAM

@@ -24,29 +24,29 @@ def create_tenant(data_dir: Path, name: str, *args: str) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-class ServerProcess:
-    def __init__(self, base: Path, data_dir: Path, *extra: str, log: Path):
-        self.base, self.data_dir, self.extra, self.log_path = base, data_dir, extra, log
-        self.port = free_port()
+class Process:
+    """A server subprocess (argv) on ``port``, ready once GET ``ready_path`` answers 200."""
+
+    ready_path = "/ready"
+
+    def __init__(self, argv: list[str], port: int, log: Path):
+        self.argv, self.port, self.log_path = argv, port, log
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 240) -> "ServerProcess":
-        argv = [sys.executable, "-m", "server", "--base", str(self.base), "--data-dir", str(self.data_dir),
-                "--port", str(self.port), "--served-name", "tiny", "--dtype", "float32", "--max-model-len", "256",
-                "--kv-cache-bytes", str(64 << 20), "--max-lora-rank", "16", "--enforce-eager", *self.extra]
+    def start(self, timeout: float = 240) -> "Process":
         self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -66,3 +66,25 @@ class ServerProcess:
 
     def tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")
+
+
+class RawProcess(Process):
+    """vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``), ready on /health."""
+
+    ready_path = "/health"
+
+
+# The test server's engine: small, fp32 (so greedy tokens equal PEFT's), eager (fast start).
+TEST_ENGINE = ("--dtype", "float32", "--max-model-len", "256", "--kv-cache-bytes", str(64 << 20),
+               "--max-lora-rank", "16", "--enforce-eager")
+
+
+class ServerProcess(Process):
+    """``python -m server`` on the tiny base, served as ``tiny``."""
+
+    def __init__(self, base: Path, data_dir: Path, *extra: str, log: Path, engine: tuple[str, ...] = TEST_ENGINE):
+        self.base, self.data_dir, self.extra = base, data_dir, extra
+        port = free_port()
+        argv = [sys.executable, "-m", "server", "--base", str(base), "--data-dir", str(data_dir),
+                "--port", str(port), "--served-name", "tiny", *engine, *extra]
+        super().__init__(argv, port, log)

