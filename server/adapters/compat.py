@@ -11,7 +11,12 @@ Rules (mirroring vLLM's ``PEFTHelper.validate_legal`` and its model classes):
 - rank ``r`` (and every ``rank_pattern`` value) is one of vLLM's
   ``max_lora_rank`` values and not above the server's ``--max-lora-rank``;
 - no ``modules_to_save`` (vLLM has no slot for full embed_tokens/lm_head copies);
-- no DoRA, no LoRA bias, no init that rewrites base weights (LoftQ, PiSSA, ...);
+- the fields vLLM's ``PEFTHelper`` requires (``r``, ``lora_alpha``, ``target_modules``),
+  with the types it assumes;
+- no DoRA, no LoRA bias, no init that rewrites base weights (LoftQ, PiSSA, ...), and
+  no other PEFT option that changes the forward pass in a way one of the two vLLM
+  lines loraplex runs on (0.25 on GPU, 0.32 on CPU) ignores (QA-LoRA, per-module
+  rank/alpha overrides, ...);
 - every target is a linear layer that vLLM's class for the base's architecture
   takes LoRA on;
 - the adapter was trained on this base (same fingerprint), when it says so.
@@ -19,6 +24,7 @@ Rules (mirroring vLLM's ``PEFTHelper.validate_legal`` and its model classes):
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -94,36 +100,93 @@ def target_violations(targets: Any, architecture: str, *, field: str = "target_m
     return []
 
 
+# PEFT options that change the forward pass and that vLLM does not implement. vLLM 0.32
+# refuses each of them; vLLM 0.25 refuses some and silently serves the others as a plain
+# LoRA (use_qalora: measured on an H200, output equal to the same weights without the flag).
+# Refused here on both lines, with one message.
+_UNSUPPORTED_FEATURES = {
+    "use_dora": "DoRA adapters are not supported by vLLM",
+    "lora_bias": "LoRA bias terms are not supported by vLLM",
+    "use_qalora": "QA-LoRA pools the layer input, which vLLM does not do (vLLM 0.25 serves it as a plain LoRA, "
+                  "wrongly)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA) is not supported by vLLM",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported by vLLM",
+    "layer_replication": "is not supported by vLLM",
+    "layers_to_transform": "is not supported by vLLM",
+    "trainable_token_indices": "trainable embedding tokens are not supported by vLLM",
+    "target_parameters": "LoRA on parameters (not modules) is not supported by vLLM",
+    "arrow_config": "Arrow routing between LoRA experts is not supported by vLLM",
+    "kasa_config": "KaSA adapters are not supported by vLLM",
+    "monteclora_config": "MonteCLoRA adapters are not supported by vLLM",
+}
+_BOOLEANS = ("use_rslora", "use_dora", "lora_bias", "use_qalora", "fan_in_fan_out", "inference_mode")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _pattern_violations(config: Mapping[str, Any], key: str, default: Any, what: str) -> list[Violation]:
+    """``rank_pattern`` / ``alpha_pattern``: per-module overrides. vLLM 0.32 applies them; vLLM 0.25
+    ignores them and serves every module with ``r`` and ``lora_alpha`` -- a different forward pass.
+    So only entries that change nothing are accepted."""
+    pattern = config.get(key)
+    if pattern is None:
+        return []
+    if not isinstance(pattern, dict):
+        return [Violation(key, f"must be an object of module pattern -> {what}; got {type(pattern).__name__}")]
+    out = []
+    for name, value in pattern.items():
+        if not _number(value):
+            out.append(Violation(f"{key}[{name}]", f"must be a number; got {value!r}"))
+        elif value != default:
+            out.append(Violation(f"{key}[{name}]", f"{what} {value!r} differs from the adapter's {default!r}; "
+                                 "per-module overrides are refused because vLLM 0.25 ignores them and would serve "
+                                 "this adapter wrongly (give every module the same rank and alpha)"))
+    return out
+
+
 def check_adapter_config(
     config: Mapping[str, Any],
     *,
     architecture: str,
     max_rank: int | None = None,
 ) -> list[Violation]:
-    """Every reason vLLM would refuse (or mis-serve) a PEFT ``adapter_config.json``."""
+    """Every reason vLLM would refuse (or mis-serve) a PEFT ``adapter_config.json``: the fields
+    vLLM's ``PEFTHelper`` requires, with the types it assumes, and the options it cannot serve."""
     out: list[Violation] = []
     if config.get("peft_type", "LORA") != "LORA":
         out.append(Violation("peft_type", f"must be LORA; got {config.get('peft_type')!r}"))
-    if v := rank_violation(config.get("r"), max_rank=max_rank):
+    for key in ("r", "lora_alpha", "target_modules"):  # PEFTHelper's required fields
+        if key not in config:
+            out.append(Violation(key, "is required (vLLM reads it to load the adapter)"))
+    if "r" in config and (v := rank_violation(config["r"], max_rank=max_rank)):
         out.append(v)
-    for key, rank in (config.get("rank_pattern") or {}).items():
-        if v := rank_violation(rank, field=f"rank_pattern[{key}]", max_rank=max_rank):
-            out.append(v)
+    if "lora_alpha" in config and not _number(config["lora_alpha"]):
+        out.append(Violation("lora_alpha", f"must be a finite number; got {config['lora_alpha']!r}"))
+    for key in _BOOLEANS:
+        if key in config and config[key] is not None and not isinstance(config[key], bool):
+            out.append(Violation(key, f"must be true or false; got {config[key]!r}"))
     if config.get("modules_to_save"):
         out.append(Violation("modules_to_save", f"must be empty (vLLM serves no full-weight module copies); "
                                                 f"got {config['modules_to_save']!r}"))
-    if config.get("use_dora"):
-        out.append(Violation("use_dora", "DoRA adapters are not supported by vLLM"))
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    if config.get("bias", "none") != "none":
         out.append(Violation("bias", "LoRA bias terms are not supported by vLLM"))
+    for key, why in _UNSUPPORTED_FEATURES.items():
+        if config.get(key):
+            out.append(Violation(key, why))
     init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+    if not isinstance(init, (bool, str)):
+        out.append(Violation("init_lora_weights", f"must be true, false or an init name; got {init!r}"))
+    elif isinstance(init, str) and init.lower() not in _PLAIN_INITS:
         out.append(Violation("init_lora_weights", f"{init!r} rewrites base weights at load time, "
                                                   "which vLLM cannot do"))
-    for key in ("layer_replication", "layers_to_transform", "alora_invocation_tokens"):
-        if config.get(key):
-            out.append(Violation(key, "is not supported by vLLM"))
-    out += target_violations(config.get("target_modules"), architecture)
+    if _number(config.get("r")):
+        out += _pattern_violations(config, "rank_pattern", config["r"], "rank")
+    if _number(config.get("lora_alpha")):
+        out += _pattern_violations(config, "alpha_pattern", config["lora_alpha"], "alpha")
+    if "target_modules" in config:
+        out += target_violations(config["target_modules"], architecture)
     return out
 
 

@@ -30,7 +30,20 @@ def test_plain_lora_passes():
     ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules"),
     ({"target_modules": []}, "target_modules"),
     ({"rank_pattern": {"q_proj": 24}}, "rank_pattern[q_proj]"),
+    ({"rank_pattern": {"q_proj": 32}}, "rank_pattern[q_proj]"),  # a vLLM rank, but 0.25 ignores the override
+    ({"alpha_pattern": {"v_proj": 8}}, "alpha_pattern[v_proj]"),
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern"),
     ({"peft_type": "IA3"}, "peft_type"),
+    ({"lora_alpha": "32"}, "lora_alpha"),
+    ({"lora_alpha": float("nan")}, "lora_alpha"),
+    ({"lora_alpha": True}, "lora_alpha"),
+    ({"use_qalora": True}, "use_qalora"),
+    ({"use_rslora": "yes"}, "use_rslora"),
+    ({"lora_bias": True}, "lora_bias"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
+    ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
+    ({"trainable_token_indices": [5]}, "trainable_token_indices"),
+    ({"init_lora_weights": 3}, "init_lora_weights"),
 ])
 def test_each_rule_names_its_field(change, field):
     assert fields({**GOOD, **change}) == [field]
@@ -59,3 +72,14 @@ def test_base_fingerprint_must_match():
     ensure_same_base("a" * 64, "a" * 64)
     with pytest.raises(IncompatibleAdapter, match="base_fingerprint"):
         ensure_same_base("b" * 64, "a" * 64)
+
+
+@pytest.mark.parametrize("key", ["r", "lora_alpha", "target_modules"])
+def test_fields_vllm_requires_must_be_there(key):
+    config = {k: v for k, v in GOOD.items() if k != key}
+    assert fields(config) == [key]
+
+
+def test_options_that_change_nothing_pass():
+    assert fields({**GOOD, "rank_pattern": {"q_proj": 16}, "alpha_pattern": {"v_proj": 32}, "use_rslora": True,
+                   "use_qalora": False, "layer_replication": None, "init_lora_weights": "gaussian"}) == []
