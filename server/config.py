@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
     adapter_queue_timeout_s: float = Field(30.0, ge=0.0)
     """How long a request for a cold adapter waits for room while every loaded adapter is busy (503 after)."""
+    max_upload_bytes: int = Field(2 << 30, ge=1 << 10)
+    """Largest adapter upload (all files, or the archive and what it unpacks to); larger is a 413."""
+    adapter_gc_grace_s: float = Field(60.0, ge=0.0)
+    """How long a deleted or replaced adapter's files stay on disk after it is released, for requests
+    that resolved it just before; then they are reclaimed."""
+    engine_restarts: int = Field(3, ge=0)
+    """How many times a dead vLLM engine is restarted in process; after that the server exits with
+    status 3 so that its supervisor restarts it."""
     enforce_eager: bool = False
     """Disable CUDA graphs / compilation (faster start, slower decode)."""
     host: str = "127.0.0.1"

@@ -64,3 +64,17 @@ class QuotaExceeded(RateLimited):
 class EngineNotReady(LoraplexError):
     type = "server_error"
     code = "engine_not_ready"
+
+
+class AdapterLoadFailed(LoraplexError):
+    """vLLM could not load an adapter the server had accepted (its blob is damaged, or the
+    installed vLLM refuses what an earlier one took). Only that adapter's requests fail."""
+
+    type = "server_error"
+    code = "adapter_load_failed"
+
+
+class PayloadTooLarge(LoraplexError):
+    """A request body or upload over its cap (HTTP 413)."""
+
+    code = "payload_too_large"

@@ -105,8 +105,12 @@ class Metrics(Events):
         self.tokens_in = _family(Counter, "loraplex_prompt_tokens_total", "Prompt tokens.", _LABELS)
         self.tokens_out = _family(Counter, "loraplex_generation_tokens_total", "Generated tokens.", _LABELS)
         self.load_time = _family(Histogram, "loraplex_adapter_load_duration_seconds",
-                                 "Cold start of an adapter: from its admission to the first token of the request that brought it in "
-                                 "(vLLM loads it in that request's first step), or a pin's explicit load.", buckets=_LATENCY)
+                                 "Loading an adapter into the engine's host tier (vLLM's add_lora), before the "
+                                 "request that needs it goes to the engine.", buckets=_LATENCY)
+        self.load_failures = _family(Counter, "loraplex_adapter_load_failures_total",
+                                     "Adapter loads vLLM refused (only that adapter's requests failed).")
+        self.engine_restarts = _family(Counter, "loraplex_engine_restarts_total",
+                                       "Times the server found its vLLM engine dead and started a new one.")
         self.cache_hits = _family(Counter, "loraplex_adapter_cache_hits_total", "Requests whose adapter was loaded.")
         self.cache_misses = _family(Counter, "loraplex_adapter_cache_misses_total", "Requests that loaded an adapter.")
         self.evictions = _family(Counter, "loraplex_adapter_cache_evictions_total", "Adapters evicted (LRU).")
@@ -132,6 +136,9 @@ class Metrics(Events):
     def loaded(self, key: str, seconds: float) -> None:
         self.load_time.observe(seconds)
 
+    def load_failed(self, key: str) -> None:
+        self.load_failures.inc()
+
     def evicted(self, key: str) -> None:
         self.evictions.inc()
 
@@ -150,6 +157,9 @@ class StateCollector(Collector):
         cache = GaugeMetricFamily("loraplex_adapter_cache_bytes", "Bytes of adapters loaded in the engine's host tier.")
         cache.add_metric([], self.service.residency.used_bytes)
         yield cache
+        up = GaugeMetricFamily("loraplex_engine_up", "1 while the vLLM engine serves, 0 while it is dead or restarting.")
+        up.add_metric([], 1 if self.service.engine.ready else 0)
+        yield up
         yield from _gpu_memory()
         rss = GaugeMetricFamily("loraplex_process_tree_resident_memory_bytes",
                                 "Resident memory of the server and its engine processes (the CPU host's device memory).")

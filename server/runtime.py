@@ -1,4 +1,17 @@
-"""Assemble the server from settings: base, registry, store, engine, service, fronts."""
+"""Assemble the server from settings: base, registry, store, engine, service, fronts.
+
+Start: resolve the base -> open the registry -> start vLLM -> repair what a crash
+left (``AdapterService.recover``) -> serve HTTP (and gRPC) with two background
+tasks: :func:`watch_engine`, and the adapter store's garbage collector.
+
+**A dead engine is restarted in process.** vLLM's engine core runs in its own
+process; if it dies (a fault in a step, the OOM killer), ``/health`` and
+``/ready`` answer 503 and gRPC health NOT_SERVING at once, requests get 503
+``engine_not_ready``, and :func:`watch_engine` starts a new engine with the same
+settings (``loraplex_engine_restarts_total`` counts it). After
+``--engine-restarts`` restarts the server exits with status 3 instead, for its
+supervisor (systemd, Kubernetes) to restart it from scratch.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +21,7 @@ import signal
 from contextlib import asynccontextmanager
 
 from server.adapters.registry import AdapterRegistry
+from server.adapters.residency import engine_max_cpu_loras
 from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec
 from server.config import Settings
@@ -38,7 +52,8 @@ def build(settings: Settings, *, engine=None) -> Service:
     if engine is None:
         engine = VllmEngine(EngineOptions(
             model=str(base.path), served_name=served, quantization=settings.quantization, dtype=settings.dtype,
-            max_loras=settings.max_loras, max_cpu_loras=settings.max_cpu_loras, max_lora_rank=settings.max_lora_rank,
+            max_loras=settings.max_loras, max_cpu_loras=engine_max_cpu_loras(settings.max_cpu_loras),
+            max_lora_rank=settings.max_lora_rank,
             max_model_len=settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
             kv_cache_bytes=settings.kv_cache_bytes, enforce_eager=settings.enforce_eager, seed=settings.seed))
         engine.start()
@@ -46,8 +61,40 @@ def build(settings: Settings, *, engine=None) -> Service:
                       tokenizer=AutoTokenizer.from_pretrained(base.path), tenants=TenantStore(db),
                       registry=AdapterRegistry(db), store=AdapterStore(settings.data_dir / "adapters"),
                       metrics=Metrics(top_n=settings.metrics_top_adapters))
+    counts = service.adapters.recover()
+    if any(counts.values()):
+        logger.warning("recovered from an unclean stop: %s", counts)
     register_state(service)
     return service
+
+
+ENGINE_GAVE_UP = 3
+"""Exit status once the engine died more often than --engine-restarts allows."""
+
+
+async def watch_engine(service: Service, give_up, *, poll_s: float = 1.0) -> None:
+    """Restart a dead engine, or call ``give_up(ENGINE_GAVE_UP)`` when restarts run out."""
+    restarts = 0
+    while True:
+        await asyncio.sleep(poll_s)
+        if not service.engine.dead:
+            continue
+        logger.error("the vLLM engine died; every request now gets 503 until it is back")
+        service.residency.reset()  # the new engine starts with no adapter loaded
+        if restarts >= service.settings.engine_restarts:
+            logger.error("the engine died %d times (--engine-restarts %d); exiting with status %d for the "
+                         "supervisor", restarts + 1, service.settings.engine_restarts, ENGINE_GAVE_UP)
+            give_up(ENGINE_GAVE_UP)
+            return
+        restarts += 1
+        service.metrics.engine_restarts.inc()
+        try:
+            await asyncio.to_thread(service.engine.restart)
+        except Exception:
+            logger.exception("restarting the engine failed; exiting with status %d", ENGINE_GAVE_UP)
+            give_up(ENGINE_GAVE_UP)
+            return
+        logger.warning("engine restarted (%d of %d restarts allowed)", restarts, service.settings.engine_restarts)
 
 
 async def serve(settings: Settings, *, ready_callback=None) -> None:
@@ -58,15 +105,25 @@ async def serve(settings: Settings, *, ready_callback=None) -> None:
 
     service = build(settings)
     grpc_server = None
+    exit_code = 0
+
+    def give_up(code: int) -> None:
+        nonlocal exit_code
+        exit_code = code
+        http.should_exit = True
 
     @asynccontextmanager
     async def lifespan(app):
         # Shut the engine down here, not after serve() returns: uvicorn re-raises
         # SIGTERM/SIGINT once it has stopped, which would kill this process
         # before a `finally` ran and orphan vLLM's engine-core processes.
+        tasks = [asyncio.create_task(watch_engine(service, give_up)),
+                 asyncio.create_task(service.adapters.gc_forever())]
         try:
             yield
         finally:
+            for t in tasks:
+                t.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(grace=5)
             service.engine.shutdown()
@@ -82,6 +139,8 @@ async def serve(settings: Settings, *, ready_callback=None) -> None:
         await http.serve()
     finally:
         service.engine.shutdown()  # idempotent; covers a failed startup
+    if exit_code:
+        raise SystemExit(exit_code)
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

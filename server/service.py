@@ -4,8 +4,12 @@ One request: the front hands over the Authorization header and a parsed
 request -> ``authenticate`` resolves the key to a tenant and applies its rate
 limit -> ``resolve`` maps ``model="<base>:<adapter>"`` inside that tenant's
 namespace (from an in-memory snapshot of the registry, not SQLite) -> the
-residency manager makes sure that adapter version is in the engine -> vLLM
-generates -> deltas stream back, and metrics record latency and tokens.
+residency manager makes sure that adapter version is in the engine (loading it
+with ``add_lora`` first if it is not) -> vLLM generates -> deltas stream back,
+and metrics record latency and tokens.
+
+Adapter management (upload, replace, delete, pin, reclaiming) is
+:class:`~server.adapters.service.AdapterService`, at ``Service.adapters``.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from server.adapters.registry import AdapterRecord, AdapterRegistry, not_found, validate_name
-from server.adapters.residency import AdapterCacheFull, ResidencyManager
-from server.adapters.store import AdapterStore, digest_dir, digest_files
-from server.adapters.upload import AdapterInfo, BaseSpec, UploadFile, accepted_files, unpack, validate
+from server.adapters.registry import AdapterRecord, AdapterRegistry, not_found
+from server.adapters.residency import ResidencyManager
+from server.adapters.service import AdapterService
+from server.adapters.store import AdapterStore
+from server.adapters.upload import BaseSpec
 from server.config import Settings
 from server.engine.types import Completion, Sampling
-from server.errors import AdapterRejected, Conflict, EngineNotReady, InvalidArgument, PermissionDenied, QuotaExceeded
+from server.errors import EngineNotReady, InvalidArgument, PermissionDenied
 from server.metrics import Metrics
 from server.tenants.auth import Authenticator
 from server.tenants.ratelimit import RateLimiter
@@ -80,10 +84,12 @@ class Service:
         self.residency = ResidencyManager(engine, budget_bytes=settings.adapter_cache_bytes,
                                           max_entries=settings.max_cpu_loras, events=metrics,
                                           admission_timeout_s=settings.adapter_queue_timeout_s)
+        self.adapters = AdapterService(settings, base_spec=base_spec, engine=engine, tenants=tenants,
+                                       registry=registry, store=store, residency=self.residency,
+                                       namespace=self.namespace)
         self.started = int(time.time())
         self._snapshot: dict[tuple[str, str], AdapterRecord] = {}
         self._snapshot_gen = -1
-        self._store_lock = asyncio.Lock()
 
     # ------------------------------------------------------------ auth
 
@@ -167,15 +173,13 @@ class Service:
             if gen.adapter is not None:
                 rec = gen.adapter
                 entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
-                                                     pinned=rec.pinned)
+                                                     digest=rec.digest, pinned=rec.pinned)
                 lora = (entry.lora_name, entry.lora_id, entry.path)
             m.queue.observe(time.perf_counter() - t0)
             async for delta in self.engine.generate(gen.prompt_ids, gen.sampling, request_id, lora=lora):
                 if first is None and delta.token_ids:
                     first = time.perf_counter()
                     m.ttft.observe(first - t0)
-                    if entry is not None:
-                        self.residency.first_token(entry)
                 n_out += len(delta.token_ids)
                 yield delta
             finished = True
@@ -213,162 +217,5 @@ class Service:
     def encode(self, prompt: str) -> list[int]:
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    # ------------------------------------------------------------ adapters
-
-    async def upload(self, principal: Principal, name: str, *, files: list[UploadFile] | None = None,
-                     tarball: bytes | None = None, tenant: str | None = None, replace: bool = False) -> AdapterRecord:
-        """Validate, store and register an adapter; on any failure nothing is kept."""
-        ns = self.namespace(principal, tenant)
-        validate_name(name)
-        quotas = self.tenants.get(ns).quotas if ns != principal.tenant else principal.quotas
-        # Refuse what the registry would refuse before any bytes are written.
-        if replace:
-            self.registry.get(ns, name)
-        else:
-            self._check_new(ns, name, quotas)
-        max_rank = min(self.settings.max_lora_rank, quotas.max_rank)
-        with self.store.staging_dir() as staging:
-            # File work (write, parse the header, hash) runs in a worker thread:
-            # an upload of hundreds of MB must not stall the streams being served.
-            known = await asyncio.to_thread(self._known_blob, files, max_rank) if files is not None else None
-            if known is None:
-                info, digest = await asyncio.to_thread(self._stage, files, tarball, staging, max_rank)
-            else:
-                info, digest = known
-            # put + register under one lock: a blob is never live-but-unregistered
-            # when a failed registration deletes it.
-            async with self._store_lock:
-                existed = self.store.exists(digest)
-                if known is not None and not self.store.reuse(digest):  # gc took it meanwhile: store it
-                    info, digest = await asyncio.to_thread(self._stage, files, tarball, staging, max_rank)
-                    known = None
-                if known is None:
-                    digest, _ = self.store.put(staging, digest=digest)
-                try:
-                    if replace:
-                        new, old = self.registry.replace(ns, name, digest, info)
-                    else:
-                        return self.registry.add(ns, name, digest, info, max_adapters=quotas.max_adapters)
-                except BaseException:
-                    if not existed and digest not in self.registry.live_digests():
-                        self.store.delete(digest)
-                    raise
-        await self.residency.retire(old.key)
-        return new
-
-    def _known_blob(self, files: list[UploadFile], max_rank: int) -> tuple[AdapterInfo, str] | None:
-        """The same bytes are in the store already (many tenants, one fine-tune): check them
-        for this tenant in place and skip writing and syncing another copy."""
-        digest = digest_files(accepted_files(files))
-        if not self.store.exists(digest):
-            return None
-        return validate(self.store.path(digest), self.base_spec, max_rank=max_rank), digest
-
-    def _stage(self, files: list[UploadFile] | None, tarball: bytes | None, staging: Path,
-               max_rank: int) -> tuple[AdapterInfo, str]:
-        unpack(files, tarball, staging)
-        return validate(staging, self.base_spec, max_rank=max_rank), digest_dir(staging)
-
-    def _check_new(self, tenant: str, name: str, quotas) -> None:
-        active = self.registry.list(tenant)
-        if any(r.name == name for r in active):
-            raise Conflict(f"adapter {name!r} already exists; PUT /v1/adapters/{name} replaces it", field="name")
-        if len(active) >= quotas.max_adapters:
-            raise QuotaExceeded(f"tenant {tenant!r} has {len(active)} adapters, its quota is {quotas.max_adapters}",
-                                field="name")
-
-    def list_adapters(self, principal: Principal, tenant: str | None = None) -> list[AdapterRecord]:
-        return self.registry.list(self.namespace(principal, tenant))
-
-    def get_adapter(self, principal: Principal, name: str, tenant: str | None = None) -> AdapterRecord:
-        return self.registry.get(self.namespace(principal, tenant), name)
-
-    async def delete_adapter(self, principal: Principal, name: str, tenant: str | None = None) -> list[AdapterRecord]:
-        removed = self.registry.delete(self.namespace(principal, tenant), name)
-        for rec in removed:
-            await self.residency.retire(rec.key)
-        self._gc()
-        return removed
-
-    async def set_pinned(self, principal: Principal, name: str, pinned: bool, tenant: str | None = None) -> AdapterRecord:
-        ns = self.namespace(principal, tenant)
-        self.registry.set_pinned(ns, name, pinned)
-        rec = self.registry.get(ns, name)
-        if pinned:  # pinning keeps it warm: load now
-            await self.warm(rec, wait=True)
-        self.residency.set_pinned(rec.key, pinned)
-        return rec
-
-    def residency_of(self, rec: AdapterRecord) -> str:
-        entry = self.residency.get(rec.key)
-        return entry.state.value if entry else "registered"
-
     def adapter_tiers(self) -> dict[str, int]:
-        loaded = [e for e in self.residency.entries() if e.state.value == "loaded"]
-        busy = sum(1 for e in loaded if e.refs > 0)
-        return {"registered": len(self._adapters()), "cpu": len(loaded),
-                "gpu": min(busy, self.settings.max_loras)}
-
-    async def load_from_path(self, principal: Principal, name: str, path: str, tenant: str | None = None) -> AdapterRecord:
-        """vLLM's /v1/load_lora_adapter: admins only, and only from --lora-roots."""
-        if not principal.is_admin:
-            raise PermissionDenied("loading adapters from server paths needs an admin key", field="lora_path")
-        real = Path(path).resolve()
-        roots = [r.resolve() for r in self.settings.lora_roots]
-        if not any(real.is_relative_to(r) for r in roots):
-            raise PermissionDenied(f"lora_path must be under one of the configured --lora-roots "
-                                   f"({', '.join(map(str, roots)) or 'none configured'})", field="lora_path")
-        if not real.is_dir():
-            raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
-        files = await asyncio.to_thread(_read_dir, real, roots)
-        rec = await self.upload(principal, name, files=files, tenant=tenant)
-        try:
-            await self.warm(rec)
-        except AdapterCacheFull:
-            logger.info("adapter %s registered; not preloaded: the adapter cache is full of busy adapters", rec.key)
-        except Exception as e:  # whatever vLLM raised: it refused this adapter
-            await self._unregister(rec)  # nothing half-registered
-            raise AdapterRejected(f"vLLM could not load the adapter at {path}: {e}", field="lora_path") from None
-        return rec
-
-    async def _unregister(self, rec: AdapterRecord) -> None:
-        """Undo a registration that just happened: the record, its engine entry, and its blob
-        unless another adapter shares it (not left to gc's grace period)."""
-        async with self._store_lock:
-            self.registry.delete(rec.tenant, rec.name)
-            if rec.digest not in self.registry.live_digests():
-                self.store.delete(rec.digest)
-        await self.residency.retire(rec.key)
-
-    async def warm(self, rec: AdapterRecord, *, wait: bool = False) -> None:
-        """Load a registered adapter into the engine's host tier now, as vLLM's own
-        ``/v1/load_lora_adapter`` and ``--lora-modules`` do: the engine validates it, and
-        its first request finds it in memory. If that needs room, the least recently used
-        idle adapter leaves (its pinned host memory is reused for this one); with every
-        adapter busy it raises :class:`AdapterCacheFull` at once unless ``wait``."""
-        entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
-                                             pinned=rec.pinned, wait=wait)
-        try:
-            await self.residency.preload(entry)
-        finally:
-            self.residency.release(entry)
-
-    def _gc(self) -> None:
-        try:
-            self.store.gc(self.registry.live_digests())
-        except Exception:
-            logger.warning("adapter store gc failed", exc_info=True)
-
-
-def _read_dir(path: Path, roots: list[Path]) -> list[UploadFile]:
-    """The adapter files of a server directory. A symlink may point anywhere under the
-    --lora-roots (say, at a shared weights file) but not outside them."""
-    files = []
-    for f in sorted(path.iterdir()):
-        if not f.is_file():
-            continue
-        if not any(f.resolve().is_relative_to(r) for r in roots):
-            raise PermissionDenied(f"{f.name} in lora_path links outside the configured --lora-roots",
-                                   field="lora_path")
-        files.append(UploadFile(f.name, f.read_bytes()))
-    return files
+        return self.adapters.tiers(len(self._adapters()))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace as _replace
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from server import failpoints
 from server.db import Database
 from server.errors import Conflict, InvalidArgument, NotFound, QuotaExceeded
 
@@ -91,7 +92,9 @@ class AdapterRegistry:
             if count >= max_adapters:
                 raise QuotaExceeded(f"tenant {tenant!r} already has {count} adapters, its limit is {max_adapters}; "
                                     "delete one first", retry_after=None, field="name")
-            return _insert(conn, tenant, name, 1, digest, info, pinned=False)
+            record = _insert(conn, tenant, name, 1, digest, info, pinned=False)
+            failpoints.hit("registry.before_commit")
+            return record
 
     def replace(self, tenant: str, name: str, digest: str, info: AdapterInfo) -> tuple[AdapterRecord, AdapterRecord]:
         """Make a new version ACTIVE and the current one RETIRED; returns ``(new, old)``. Pinning carries over."""
@@ -104,6 +107,7 @@ class AdapterRegistry:
             version = conn.execute("SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?",
                                    (tenant, name)).fetchone()[0] + 1
             new = _insert(conn, tenant, name, version, digest, info, pinned=old.pinned)
+            failpoints.hit("registry.before_commit")
         return new, _replace(old, status=AdapterStatus.RETIRED)
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
@@ -160,6 +164,24 @@ class AdapterRegistry:
     def snapshot(self) -> dict[tuple[str, str], AdapterRecord]:
         """Every ACTIVE adapter by (tenant, name), for a cache refreshed when :attr:`generation` moves."""
         return {(r.tenant, r.name): r for r in self.list_all()}
+
+    def records(self) -> list[AdapterRecord]:
+        """Every row, ACTIVE and RETIRED, by tenant, name and version."""
+        return [_record(r) for r in self._db.query("SELECT * FROM adapters ORDER BY tenant, name, version")]
+
+    def drop(self, record: AdapterRecord) -> None:
+        """Remove one version's row, whatever its status (crash recovery: its blob is gone)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ?",
+                         (record.tenant, record.name, record.version))
+
+    def restore(self, new: AdapterRecord, old: AdapterRecord) -> None:
+        """Undo :meth:`replace`: drop ``new`` and make ``old`` ACTIVE again."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ?",
+                         (new.tenant, new.name, new.version))
+            conn.execute("UPDATE adapters SET status = 'active' WHERE tenant = ? AND name = ? AND version = ?",
+                         (old.tenant, old.name, old.version))
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

@@ -7,24 +7,32 @@ keeps it under a byte budget (``--adapter-cache-bytes``) and ``max_cpu_loras``
 entries, and evicts the least recently used adapter that is neither pinned nor
 serving a request.
 
-- Admission does not load anything: the request carries the adapter's path in
-  its ``LoRARequest``, and vLLM's worker loads it inside the step that first
-  schedules it, as raw vLLM does. An explicit ``add_lora`` per cold adapter is
-  a round trip to the engine core that blocks its step loop, and serialised
-  behind one lock it cut throughput at 256-1000 adapters on an H100 to 0.56x of
-  raw vLLM (benchmarks/results/h100/bf16/before-fix-*).
+- **An adapter is in the engine before any request for it is.** A cold
+  adapter is loaded with ``add_lora`` and only then does its request go to
+  vLLM. vLLM validates and reads the adapter in that call and returns an error
+  to the caller if it fails; the same failure inside the engine's step (where
+  vLLM loads an adapter it meets in a request but does not hold) kills the
+  engine for every tenant. A load that fails fails the requests waiting on it,
+  with :class:`~server.errors.AdapterLoadFailed` naming the adapter, and
+  nothing else.
+- Concurrent requests for one cold adapter share its load. The admission lock
+  guards decisions only, never a load.
 - Eviction sends ``remove_lora`` in the background; the request that caused it
-  does not wait for it.
+  does not wait for it. The engine is given one host-tier slot more than this
+  manager fills (``engine_max_cpu_loras``), so an admission whose eviction has
+  not reached the engine yet, or an upload's validation load, never makes vLLM
+  evict one of these adapters behind this manager's back.
 - Every request holds a reference for its whole life; an adapter with
   references is never evicted, and a retired version (after a hot replace or
   delete) leaves the engine only once its last in-flight request finishes.
 - When every admitted adapter is busy, a cold one waits for one to go idle (up
   to ``admission_timeout_s``), as vLLM's own queue would hold it.
-- :meth:`preload` is the explicit load, for pins and for vLLM's
-  ``/v1/load_lora_adapter`` (which loads at registration, as vLLM does). vLLM pins
-  each cached adapter's host memory; a tier that is still filling pays a fresh
-  ``cudaHostAlloc`` per cold load (83 ms against 14 ms for an 80 MiB adapter on an
-  H100, benchmarks/pinned_alloc.py), so loading at registration fills it up front.
+- :meth:`adopt` takes in an adapter an upload has already loaded into the
+  engine to validate it, so its first request finds it there. vLLM pins each
+  cached adapter's host memory; a tier that is still filling pays a fresh
+  ``cudaHostAlloc`` per cold load (83 ms against 14 ms for an 80 MiB adapter on
+  an H100, benchmarks/pinned_alloc.py), so loading at registration fills it up
+  front, as ``vllm serve --lora-modules`` does.
 """
 
 from __future__ import annotations
@@ -35,9 +43,10 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.errors import LoraplexError
+from server.errors import AdapterLoadFailed, LoraplexError
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +59,14 @@ class AdapterCacheFull(LoraplexError):
 
 
 class Residency(enum.StrEnum):
-    LOADED = "loaded"  # admitted: vLLM loads it (if it has not yet) in the next step that needs it
+    LOADING = "loading"  # admitted; add_lora is in flight, requests wait for it
+    LOADED = "loaded"  # in the engine's host tier
     DRAINING = "draining"  # retired or deleted; leaves the engine when its last request ends
+
+
+def engine_max_cpu_loras(max_cpu_loras: int) -> int:
+    """The host-tier size to give vLLM for a manager that fills ``max_cpu_loras``: one spare."""
+    return max_cpu_loras + 1
 
 
 @dataclass
@@ -61,17 +76,19 @@ class Entry:
     lora_id: int
     path: str
     size_bytes: int
-    state: Residency = Residency.LOADED
+    digest: str | None = None
+    """The blob the engine loads from; kept on disk while this entry exists."""
+    state: Residency = Residency.LOADING
     pinned: bool = False
     refs: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None
-    """Set until the first token after admission: the cold start is measured to there."""
+    load: asyncio.Future | None = None
+    """Resolves when add_lora returns; every request for a LOADING entry awaits it."""
 
     @property
     def lora_name(self) -> str:
-        # Unique per version: vLLM keys prefix-cache blocks by LoRA, so a replaced
-        # adapter can never be served the old version's cached KV.
+        # Unique per version: vLLM keys prefix-cache blocks by LoRA name and path, so a
+        # replaced adapter can never be served the old version's cached KV.
         return self.key
 
 
@@ -81,6 +98,7 @@ class Events:
     def hit(self, key: str) -> None: ...
     def miss(self, key: str) -> None: ...
     def loaded(self, key: str, seconds: float) -> None: ...
+    def load_failed(self, key: str) -> None: ...
     def evicted(self, key: str) -> None: ...
 
 
@@ -95,10 +113,12 @@ class ResidencyManager:
         """How long a cold adapter waits for room while every loaded one is busy, like a request
         waiting in vLLM's queue, before it is refused with :class:`AdapterCacheFull`."""
         self._freed = asyncio.Event()  # set whenever an adapter becomes idle (evictable)
-        self._tasks: set[asyncio.Task] = set()  # background removals, referenced until done
+        self._tasks: set[asyncio.Task] = set()  # background loads and removals, referenced until done
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
         self._ids = itertools.count(1)
-        self._lock = asyncio.Lock()  # guards admission/eviction decisions, not the loads themselves
+        self._lock = asyncio.Lock()  # guards admission/eviction decisions, never a load
+        self.on_drained: Callable[[str], None] | None = None
+        """Called with a version's key once it has left the engine (eviction or retirement)."""
 
     # ------------------------------------------------------------ queries
 
@@ -112,12 +132,20 @@ class ResidencyManager:
     def get(self, key: str) -> Entry | None:
         return self._entries.get(key)
 
+    def digests(self) -> set[str]:
+        """Blobs an entry may still need vLLM to read (loading, loaded, or draining)."""
+        return {e.digest for e in self._entries.values() if e.digest}
+
+    def new_lora_id(self) -> int:
+        return next(self._ids)
+
     # ------------------------------------------------------------ request path
 
-    async def acquire(self, key: str, path: str, size_bytes: int, *, pinned: bool = False,
-                      wait: bool = True) -> Entry:
-        """Admit the adapter version to the engine (if it is not) and hold a reference to it.
-        ``wait=False``: refuse at once (:class:`AdapterCacheFull`) rather than wait for room."""
+    async def acquire(self, key: str, path: str, size_bytes: int, *, digest: str | None = None,
+                      pinned: bool = False, wait: bool = True) -> Entry:
+        """Hold a reference to the adapter version, in the engine: admitted and loaded first if
+        it is not. ``wait=False``: refuse at once (:class:`AdapterCacheFull`) rather than wait for
+        room. Raises :class:`AdapterLoadFailed` if vLLM cannot load it."""
         entry = self._entries.get(key)
         if entry is None:
             async with self._lock:  # admissions and evictions in arrival order
@@ -125,76 +153,115 @@ class ResidencyManager:
                 if entry is None:
                     self.events.miss(key)
                     await self._make_room(size_bytes, wait=wait)
-                    entry = Entry(key, next(self._ids), path, size_bytes, pinned=pinned,
-                                  admitted_at=time.perf_counter())
+                    entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
+                    entry.load = asyncio.get_running_loop().create_future()
                     self._entries[key] = entry
+                    self._in_background(self._load(entry))
                 else:
                     self.events.hit(key)
         else:
             self.events.hit(key)  # the hot path: no lock, no await
         entry.refs += 1
         entry.last_used = time.monotonic()
-        if entry.state is Residency.LOADED:
+        if entry.state is not Residency.DRAINING:
             self._entries.move_to_end(key)
+        if entry.state is Residency.LOADING:
+            try:
+                await asyncio.shield(entry.load)
+            except BaseException:
+                self.release(entry)
+                raise
         return entry
 
-    def first_token(self, entry: Entry) -> None:
-        """The engine produced a token with this adapter: after admission, that ends its cold start."""
-        if entry.admitted_at is not None:
-            self.events.loaded(entry.key, time.perf_counter() - entry.admitted_at)
-            entry.admitted_at = None
+    async def _load(self, entry: Entry) -> None:
+        t0 = time.perf_counter()
+        try:
+            await self.engine.add_lora(entry.lora_name, entry.lora_id, entry.path)
+        except Exception as e:
+            if self._entries.get(entry.key) is entry:
+                del self._entries[entry.key]
+            self._freed.set()
+            self.events.load_failed(entry.key)
+            logger.error("vLLM could not load adapter %s from %s: %s", entry.key, entry.path, e)
+            name = entry.key.split("/", 1)[-1].rsplit("@", 1)[0]
+            entry.load.set_exception(_load_error(e, name))
+            entry.load.exception()  # retrieved here: a load nobody waits on is not an asyncio warning
+            return
+        if entry.state is Residency.LOADING:
+            entry.state = Residency.LOADED
+        self.events.loaded(entry.key, time.perf_counter() - t0)
+        entry.load.set_result(None)
+        if entry.state is Residency.DRAINING and entry.refs == 0:  # retired while it loaded
+            await self._unload(entry)
 
     def release(self, entry: Entry) -> None:
         entry.refs -= 1
         if entry.refs == 0:
-            if entry.state is Residency.DRAINING:
+            if entry.state is Residency.DRAINING and (entry.load is None or entry.load.done()):
                 self._in_background(self._unload(entry))
             self._freed.set()
 
-    async def preload(self, entry: Entry) -> None:
-        """Load now rather than at first use (pinning does this): an explicit engine round trip."""
-        t0 = time.perf_counter()
-        await self.engine.add_lora(entry.lora_name, entry.lora_id, entry.path)
-        if entry.admitted_at is not None:
-            self.events.loaded(entry.key, time.perf_counter() - t0)
-            entry.admitted_at = None
+    def adopt(self, key: str, lora_id: int, path: str, size_bytes: int, *, digest: str | None = None,
+              pinned: bool = False, load_seconds: float | None = None) -> bool:
+        """Take in an adapter already in the engine under ``lora_id`` (an upload loaded it to
+        validate it, in ``load_seconds``) if it fits without waiting, evicting idle ones as
+        usual. False: it does not fit; the caller removes it from the engine."""
+        if key in self._entries or not self._room_now(size_bytes):
+            return False
+        self._evict_for(size_bytes)
+        entry = Entry(key, lora_id, path, size_bytes, digest=digest, state=Residency.LOADED, pinned=pinned)
+        self._entries[key] = entry
+        if load_seconds is not None:
+            self.events.loaded(key, load_seconds)
+        return True
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _make_room(self, size_bytes: int, *, wait: bool = True) -> None:
-        """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock,
-        so cold admissions queue behind this one in arrival order; warm hits never take the lock."""
-        def over() -> bool:
-            live = [e for e in self._entries.values()]
-            return (len(live) + 1 > self.max_entries
-                    or sum(e.size_bytes for e in live) + size_bytes > self.budget_bytes)
+    def _over(self, size_bytes: int) -> bool:
+        return (len(self._entries) + 1 > self.max_entries
+                or sum(e.size_bytes for e in self._entries.values()) + size_bytes > self.budget_bytes)
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.admission_timeout_s
-        while over():
-            victim = next((e for e in self._entries.values()
-                           if e.state is Residency.LOADED and not e.pinned and e.refs == 0), None)
-            if victim is None:
-                if (not wait or self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
-                        or loop.time() >= deadline):
-                    raise AdapterCacheFull(
-                        f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
-                        "loaded adapter is pinned or serving requests; retry shortly or raise "
-                        "--adapter-cache-bytes / --max-cpu-loras")
-                # Every admitted adapter is serving: wait for one to finish, as vLLM's
-                # scheduler would hold the request, rather than fail it at once.
-                self._freed.clear()
-                try:
-                    await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
-                except TimeoutError:
-                    pass
-                continue
+    def _victim(self) -> Entry | None:
+        return next((e for e in self._entries.values()
+                     if e.state is Residency.LOADED and not e.pinned and e.refs == 0), None)
+
+    def _room_now(self, size_bytes: int) -> bool:
+        """Whether evicting idle, unpinned adapters alone makes room for ``size_bytes``."""
+        idle = [e for e in self._entries.values() if e.state is Residency.LOADED and not e.pinned and e.refs == 0]
+        rest = [e for e in self._entries.values() if e not in idle]
+        return len(rest) + 1 <= self.max_entries and sum(e.size_bytes for e in rest) + size_bytes <= self.budget_bytes
+
+    def _evict_for(self, size_bytes: int) -> None:
+        while self._over(size_bytes) and (victim := self._victim()) is not None:
             del self._entries[victim.key]
             self.events.evicted(victim.key)
             self._in_background(self._remove(victim))
+
+    async def _make_room(self, size_bytes: int, *, wait: bool = True) -> None:
+        """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock,
+        so cold admissions queue behind this one in arrival order; warm hits never take the lock."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_timeout_s
+        while True:
+            self._evict_for(size_bytes)
+            if not self._over(size_bytes):
+                return
+            if (not wait or self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
+                    or loop.time() >= deadline):
+                raise AdapterCacheFull(
+                    f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
+                    "loaded adapter is pinned or serving requests; retry shortly or raise "
+                    "--adapter-cache-bytes / --max-cpu-loras")
+            # Every admitted adapter is serving: wait for one to finish, as vLLM's
+            # scheduler would hold the request, rather than fail it at once.
+            self._freed.clear()
+            try:
+                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
+            except TimeoutError:
+                pass
 
     def _all_pinned(self, size_bytes: int) -> bool:
         """Pins alone leave no room: waiting cannot help."""
@@ -206,12 +273,15 @@ class ResidencyManager:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
         await self._remove(entry)
+        self._freed.set()
 
     async def _remove(self, entry: Entry) -> None:
         try:
             await self.engine.remove_lora(entry.lora_id)
-        except Exception:  # the engine may never have loaded it, or dropped it already
+        except Exception:  # the engine may have dropped it already, or died
             logger.warning("removing adapter %s from the engine failed", entry.key, exc_info=True)
+        if self.on_drained is not None:
+            self.on_drained(entry.key)
 
     # ------------------------------------------------------------ management
 
@@ -221,7 +291,7 @@ class ResidencyManager:
         if entry is None:
             return
         entry.state = Residency.DRAINING
-        if entry.refs == 0:
+        if entry.refs == 0 and (entry.load is None or entry.load.done()):
             await self._unload(entry)
 
     def set_pinned(self, key: str, pinned: bool) -> None:
@@ -233,4 +303,15 @@ class ResidencyManager:
         # every slot pinned the engine dies on the next other adapter ("All
         # items are pinned"). Pinning here means: never evicted from the host
         # tier. vLLM itself never evicts from that tier, because this manager
-        # keeps it at or under max_cpu_loras entries.
+        # keeps it under engine_max_cpu_loras entries.
+
+    def reset(self) -> None:
+        """The engine restarted empty: forget every entry. Loads in flight fail with the engine."""
+        self._entries.clear()
+        self._freed.set()
+
+
+def _load_error(e: Exception, name: str) -> LoraplexError:
+    if isinstance(e, LoraplexError):  # the engine died meanwhile (EngineNotReady), say so
+        return e
+    return AdapterLoadFailed(f"adapter {name!r} could not be loaded: vLLM refused it ({e})", field="model")

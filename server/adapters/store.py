@@ -6,8 +6,15 @@ either complete or absent -- never half-written. The digest covers every file
 (sha256 over the sorted ``name``/``sha256(bytes)`` pairs), so two tenants
 uploading the same adapter share one copy, and the engine may cache by digest.
 
-The registry (not this store) knows which blobs are referenced; :meth:`gc`
-takes that set and removes the rest.
+The registry (not this store) knows which blobs are referenced, and the
+residency manager which ones the engine may still read; :meth:`gc` takes the
+union and removes the rest once their grace period has passed. The grace period
+runs from a blob's last use: its upload, or the delete or retirement of the
+last version that referred to it (:meth:`release`).
+
+A staging directory is named after the process that made it
+(``upload-<pid>-...``), so a server starting after a crash removes the ones no
+live process owns (:meth:`clean_staging`).
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ class AdapterStore:
     @contextmanager
     def staging_dir(self) -> Iterator[Path]:
         """A fresh empty directory to unpack into; removed on exit unless :meth:`put` moved it."""
-        path = Path(tempfile.mkdtemp(prefix="upload-", dir=self._staging))
+        path = Path(tempfile.mkdtemp(prefix=f"upload-{os.getpid()}-", dir=self._staging))
         try:
             yield path
         finally:
@@ -80,6 +87,7 @@ class AdapterStore:
         digest = digest or digest_dir(staging_dir)
         final = self._blobs / digest
         if not final.exists():
+            _fsync_files(staging_dir)  # the blob must survive a crash once the registry points at it
             try:
                 os.rename(staging_dir, final)  # atomic on one filesystem; fails if another put won the race
                 _fsync_dir(self._blobs)
@@ -109,6 +117,19 @@ class AdapterStore:
         except FileNotFoundError:
             return False
 
+    def release(self, digest: str) -> None:
+        """The last version using this blob was deleted or retired: its grace period starts now."""
+        try:
+            os.utime(self.path(digest))
+        except FileNotFoundError:
+            pass
+
+    def intact(self, digest: str) -> bool:
+        """Whether the blob holds the two files every adapter has (the rename made it complete;
+        this catches a hand-made deletion)."""
+        path = self.path(digest)
+        return all((path / f).is_file() for f in ("adapter_config.json", "adapter_model.safetensors"))
+
     def size_bytes(self, digest: str) -> int:
         return sum(f.stat().st_size for f in self.path(digest).iterdir() if f.is_file())
 
@@ -127,21 +148,54 @@ class AdapterStore:
         logger.info("deleted adapter blob %s", digest)
         return True
 
-    def gc(self, live_digests: set[str], *, grace_s: float = 300.0, staging_grace_s: float = 3600.0) -> list[str]:
-        """Delete blobs not in ``live_digests`` that are older than ``grace_s``, and staging
-        leftovers (of a crash) older than ``staging_grace_s``. Returns the deleted digests.
-
-        The grace period covers the moment between :meth:`put` and the registry
-        row that will refer to the blob."""
+    def gc(self, live_digests: set[str], *, grace_s: float = 60.0) -> list[str]:
+        """Delete blobs not in ``live_digests`` whose grace period (from their last put or
+        :meth:`release`) has passed, and staging directories no live process owns.
+        Returns the deleted digests."""
         now = time.time()
         removed = []
         for digest in sorted(self.digests() - set(live_digests)):
             if _age(self.path(digest), now) >= grace_s and self.delete(digest):
                 removed.append(digest)
-        for leftover in self._staging.iterdir():
-            if _age(leftover, now) >= staging_grace_s:
-                shutil.rmtree(leftover, ignore_errors=True)
+        self.clean_staging()
         return removed
+
+    def clean_staging(self) -> list[Path]:
+        """Remove staging directories whose process is gone (a crash mid-upload); returns them."""
+        removed = []
+        for leftover in self._staging.iterdir():
+            owner = _owner(leftover.name)
+            if owner is not None and (owner == os.getpid() or _alive(owner)):
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+        return removed
+
+
+def _owner(name: str) -> int | None:
+    """``upload-<pid>-xxxx`` and ``delete-<digest>-<pid>-<ns>`` -> pid; None for anything else."""
+    parts = name.split("-")
+    try:
+        if parts[0] == "upload":
+            return int(parts[1])
+        if parts[0] == "delete":
+            return int(parts[2])
+    except (IndexError, ValueError):
+        pass
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _age(path: Path, now: float) -> float:
@@ -149,6 +203,16 @@ def _age(path: Path, now: float) -> float:
         return now - path.stat().st_mtime
     except FileNotFoundError:  # removed meanwhile
         return -1.0
+
+def _fsync_files(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

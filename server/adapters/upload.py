@@ -1,53 +1,40 @@
-"""An upload, turned into a checked adapter in the store -- or refused with nothing kept.
+"""An upload, turned into a checked adapter -- or refused, naming the file or field at fault.
 
-Three steps, each refusing with :class:`AdapterRejected` naming the file or field at fault:
-
-1. :func:`unpack` writes the upload (loose files or a tar.gz) into a staging
-   directory. Only ``adapter_config.json``, ``adapter_model.safetensors`` and
-   ``loraplex.json`` are taken; a pickle (``.bin``, ``.pt`` ...) is refused
-   outright, since loading one runs arbitrary code. Tar members must be regular
-   files at the top level or under one directory: no links, devices, absolute
-   paths or ``..``.
+1. :class:`~server.adapters.staging.StagedUpload` writes the upload into a
+   staging directory as it arrives (loose files or a tar.gz), hashing it.
 2. :func:`validate` applies the shared rule book (``compat``) to the config,
    checks the manifest's base fingerprint, and reads the safetensors header
-   itself: the data region must be complete, and every tensor must be a
-   ``lora_A`` [r, in] / ``lora_B`` [out, r] of a layer and linear this base
-   has. A wrong shape means the adapter was made for another base; vLLM would
-   fail on it at load time, or worse, serve it.
-3. :meth:`AdapterStore.put` renames the staging directory into the store.
+   itself: the data region must be complete, every tensor a floating-point
+   ``lora_A`` [r, in] / ``lora_B`` [out, r] of a layer and linear this base has,
+   and every value finite. A wrong shape means the adapter was made for
+   another base; vLLM would fail on it at load time, or worse, serve it.
+3. The adapter service then has vLLM itself load the staged adapter
+   (``add_lora``, which returns vLLM's refusal to the caller instead of
+   failing inside an engine step), and only then stores and registers it.
 
-:func:`ingest` runs the three inside ``AdapterStore.staging_dir()``, which
-removes the staging directory whatever happens. It is blocking file work: call
-it from a worker thread.
+:func:`unpack` and :func:`ingest` run steps 1-2 (and the store's put) on
+in-memory files, for tests and tools. All of it is blocking file work: call it
+from a worker thread.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
-import os
 import re
-import shutil
-import tarfile
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from server.adapters.compat import IncompatibleAdapter, check_adapter_config, ensure_same_base
+from server.adapters.staging import CONFIG, MANIFEST, MAX_UPLOAD_BYTES, WEIGHTS, StagedUpload
 from server.adapters.store import AdapterStore
 from server.errors import AdapterRejected
 
-CONFIG = "adapter_config.json"
-WEIGHTS = "adapter_model.safetensors"
-MANIFEST = "loraplex.json"
-ALLOWED = (CONFIG, WEIGHTS, MANIFEST)
-IGNORED = frozenset({"README.md", "metrics.jsonl"})  # what PEFT and the trainer write beside an adapter
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-MAX_UPLOAD_BYTES = 2 << 30
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
+# What vLLM casts to its LoRA dtype as it loads. Integer, boolean and float8 tensors would be
+# cast too -- silently, into nonsense weights -- so they are refused.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 
 @dataclass(frozen=True)
@@ -101,124 +88,36 @@ def ingest(store: AdapterStore, base: BaseSpec, *, files: list[UploadFile] | Non
            tarball: bytes | None = None, max_rank: int, max_bytes: int = MAX_UPLOAD_BYTES) -> StoredAdapter:
     """unpack -> validate -> put. On any error the staging directory is gone and the store unchanged."""
     with store.staging_dir() as staging:
-        unpack(files, tarball, staging, max_bytes=max_bytes)
+        digest = unpack(files, tarball, staging, max_bytes=max_bytes)
         info = validate(staging, base, max_rank=max_rank)
-        digest, path = store.put(staging)
+        digest, path = store.put(staging, digest=digest)
     return StoredAdapter(digest, path, info)
 
 
-# --- 1. unpack ---------------------------------------------------------------------------------
+# --- 1. unpack (in-memory uploads: tests and tools) --------------------------------------------
 
 def unpack(files: list[UploadFile] | None, tarball: bytes | None, dest: Path, *,
-           max_bytes: int = MAX_UPLOAD_BYTES) -> None:
-    """Write an upload's adapter files into ``dest`` (an empty directory)."""
+           max_bytes: int = MAX_UPLOAD_BYTES) -> str:
+    """Write an upload's adapter files into ``dest`` (an empty directory); returns their digest."""
+    staged = StagedUpload(dest, max_bytes=max_bytes)
+    try:
+        feed(staged, files, tarball)
+        return staged.finish()
+    finally:
+        staged.abort()
+
+
+def feed(staged: StagedUpload, files: list[UploadFile] | None, tarball: bytes | None) -> None:
+    """Write an in-memory upload into ``staged`` as the fronts write a streamed one."""
     if (files is None) == (tarball is None):
         raise AdapterRejected("send the adapter either as files or as one tar.gz, not both or neither",
                               field="files")
     if files is not None:
-        written = _unpack_files(files, dest, max_bytes)
+        for f in files:
+            staged.write_file(f.filename, f.data)
+            staged.end_file(f.filename)
     else:
-        written = _unpack_tarball(tarball, dest, max_bytes)
-    _require(written)
-
-
-def accepted_files(files: list[UploadFile], *, max_bytes: int = MAX_UPLOAD_BYTES) -> dict[str, bytes]:
-    """The files :func:`unpack` would write, by name, under the same rules, writing nothing:
-    lets an upload of bytes already in the store skip the copy."""
-    if sum(len(f.data) for f in files) > max_bytes:
-        raise AdapterRejected(f"the upload is larger than {max_bytes} bytes", field="files")
-    kept: dict[str, bytes] = {}
-    for f in files:
-        if _accept(f.filename):
-            if f.filename in kept:
-                raise AdapterRejected(f"{f.filename!r} appears twice in the upload", field="files")
-            kept[f.filename] = f.data
-    _require(set(kept))
-    return kept
-
-
-def _require(written: set[str]) -> None:
-    if missing := [n for n in (CONFIG, WEIGHTS) if n not in written]:
-        raise AdapterRejected(f"the upload has no {' and no '.join(missing)}; an adapter needs {CONFIG} and "
-                              f"{WEIGHTS} (what PEFT's save_pretrained writes)", field="files")
-
-
-def _unpack_files(files: list[UploadFile], dest: Path, max_bytes: int) -> set[str]:
-    if sum(len(f.data) for f in files) > max_bytes:
-        raise AdapterRejected(f"the upload is larger than {max_bytes} bytes", field="files")
-    written: set[str] = set()
-    for f in files:
-        if _accept(f.filename):
-            _write(dest, f.filename, io.BytesIO(f.data), written)
-    return written
-
-
-def _unpack_tarball(data: bytes, dest: Path, max_bytes: int) -> set[str]:
-    written: set[str] = set()
-    folders: set[tuple[str, ...]] = set()
-    total = 0
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-            for member in tar:  # lazily: the size cap stops a bomb before it is all read
-                parts = _member_parts(member.name)
-                if member.isdir() or not parts:
-                    continue
-                if not member.isreg():
-                    raise AdapterRejected(f"tar member {member.name!r} is a link or special file; "
-                                          "the archive may hold regular files only", field="files")
-                folders.add(tuple(parts[:-1]))
-                if len(parts) > 2 or len(folders) > 1:
-                    raise AdapterRejected("put the adapter files at the top of the archive or in one folder; "
-                                          f"found {member.name!r}", field="files")
-                total += member.size
-                if total > max_bytes:
-                    raise AdapterRejected(f"the archive unpacks to more than {max_bytes} bytes", field="files")
-                if _accept(parts[-1]):
-                    _write(dest, parts[-1], tar.extractfile(member), written)
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile):
-        raise AdapterRejected("not a readable tar.gz archive (corrupted, truncated or another format)",
-                              field="files") from None
-    return written
-
-
-def _member_parts(name: str) -> list[str]:
-    """``./adapter/x.json`` -> ``["adapter", "x.json"]``; refuses absolute and ``..`` paths."""
-    if name.startswith("/") or "\\" in name or ".." in name or _has_control(name):
-        raise AdapterRejected(f"tar member {name!r} has an unsafe path (absolute, '..', backslash or "
-                              "control characters)", field="files")
-    return [p for p in name.split("/") if p not in ("", ".")]
-
-
-def _accept(name: str) -> bool:
-    """True to keep the file, False to skip it; AdapterRejected if it may not be uploaded at all."""
-    if (not name or "/" in name or "\\" in name or ".." in name or _has_control(name)
-            or os.path.isabs(name)):
-        raise AdapterRejected(f"file name {name!r} is not allowed: plain file names only "
-                              "(no paths, '..', backslashes or control characters)", field="files")
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise AdapterRejected(f"{name!r} is a pickle file, and loraplex never loads pickles (loading one runs "
-                              "arbitrary code); save the adapter as safetensors "
-                              "(save_pretrained(..., safe_serialization=True))", field="files")
-    if name in IGNORED:
-        return False
-    if name not in ALLOWED:
-        raise AdapterRejected(f"unexpected file {name!r}; an adapter upload holds only {', '.join(ALLOWED)}",
-                              field="files")
-    return True
-
-
-def _has_control(name: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in name)
-
-
-def _write(dest: Path, name: str, src: IO[bytes] | None, written: set[str]) -> None:
-    if name in written:
-        raise AdapterRejected(f"{name!r} appears twice in the upload", field="files")
-    with open(dest / name, "xb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())  # the blob must survive a crash once the registry points at it
-    written.add(name)
+        staged.write_archive(tarball)
 
 
 # --- 2. validate -------------------------------------------------------------------------------
@@ -302,14 +201,29 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, after checking the header, the dtypes and that every value is finite
+    (a NaN in a tenant's weights would turn its outputs into NaN, and it costs one read)."""
+    import torch
     from safetensors import safe_open
 
-    read_safetensors_header(path)
+    header = read_safetensors_header(path)
+    for key, entry in header.items():
+        if key != "__metadata__" and entry.get("dtype") not in FLOAT_DTYPES:
+            raise AdapterRejected(f"tensor {key!r} is {entry.get('dtype')}; LoRA weights must be one of "
+                                  f"{', '.join(sorted(FLOAT_DTYPES))}", field=WEIGHTS)
+    shapes = {}
     try:
         with safe_open(str(path), "pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if not bool(torch.isfinite(tensor).all()):
+                    raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values", field=WEIGHTS)
+                shapes[key] = tuple(tensor.shape)
+    except AdapterRejected:
+        raise
     except Exception as e:  # the library's own parse errors have no common public type
         raise _corrupted(str(e)) from None
+    return shapes
 
 
 def _parse_key(key: str) -> tuple[str, int, str, str] | None:
@@ -329,14 +243,8 @@ def _parse_key(key: str) -> tuple[str, int, str, str] | None:
 
 
 def _rank_for(module: str, config: Mapping[str, Any]) -> int:
-    """The rank PEFT gave this module: the first ``rank_pattern`` key matching it, else ``r``."""
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        try:
-            if module == pattern or re.match(rf"(.*\.)?({pattern})$", module):
-                return rank
-        except re.error as e:
-            raise AdapterRejected(f"rank_pattern key {pattern!r} is not a valid regex: {e}",
-                                  field="rank_pattern") from None
+    """The rank PEFT gave this module. ``compat`` accepts ``rank_pattern`` entries only where they
+    equal ``r`` (vLLM 0.25 ignores them), so no tenant-supplied pattern needs matching here."""
     return config["r"]
 
 

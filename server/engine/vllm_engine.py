@@ -14,13 +14,28 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from server.engine.types import Completion, EngineStats, Sampling, TokenLogprob
-from server.errors import InvalidArgument
+from server.errors import EngineNotReady, InvalidArgument
 
 logger = logging.getLogger(__name__)
 
 
 class EngineConfigError(ValueError):
     """A setting the installed vLLM cannot honour (e.g. an unknown quantization)."""
+
+
+class LoraLoadError(RuntimeError):
+    """vLLM refused to load an adapter (its own message). The engine is unharmed: ``add_lora``
+    returns the worker's error to the caller."""
+
+
+def _engine_dead_error():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    return EngineDeadError
+
+
+def _dead() -> EngineNotReady:
+    return EngineNotReady("the engine stopped; the server is restarting it, retry shortly")
 
 
 def available_quantizations() -> list[str]:
@@ -95,6 +110,21 @@ class VllmEngine:
     def ready(self) -> bool:
         return self._llm is not None and not self._llm.errored
 
+    @property
+    def dead(self) -> bool:
+        """The engine core died (vLLM noticed its process is gone, or a step raised)."""
+        return self._llm is not None and self._llm.errored
+
+    def restart(self) -> None:
+        """Shut the dead engine down and start a new one with the same options (blocking)."""
+        old, self._llm = self._llm, None
+        if old is not None:
+            try:
+                old.shutdown()
+            except Exception:
+                logger.warning("shutting the dead engine down failed", exc_info=True)
+        self.start()
+
     def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
@@ -143,11 +173,16 @@ class VllmEngine:
         except ValueError as e:  # vLLM's own sampling checks (VLLMValidationError on 0.3x)
             raise InvalidArgument(str(e), field=getattr(e, "parameter", None)) from None
         lora_request = LoRARequest(lora[0], lora[1], lora[2]) if lora else None
-        async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id,
-                                            lora_request=lora_request):
-            for c in out.outputs:
-                yield Completion(index=c.index, text=c.text, token_ids=list(c.token_ids),
-                                 finish_reason=c.finish_reason, logprobs=self._logprobs(c, sampling))
+        if self._llm is None:
+            raise _dead()
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": prompt_ids}, params, request_id,
+                                                lora_request=lora_request):
+                for c in out.outputs:
+                    yield Completion(index=c.index, text=c.text, token_ids=list(c.token_ids),
+                                     finish_reason=c.finish_reason, logprobs=self._logprobs(c, sampling))
+        except _engine_dead_error():
+            raise _dead() from None
 
     def _logprobs(self, c, sampling: Sampling) -> list[TokenLogprob] | None:
         if sampling.logprobs is None or not c.logprobs:
@@ -162,7 +197,8 @@ class VllmEngine:
         return out
 
     async def abort(self, request_id: str) -> None:
-        await self._llm.abort(request_id)
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.abort(request_id)
 
     @property
     def tokenizer(self):
@@ -178,14 +214,30 @@ class VllmEngine:
     # ------------------------------------------------------------ LoRA slots
 
     async def add_lora(self, name: str, lora_id: int, path: str) -> None:
-        from vllm.lora.request import LoRARequest
-
-        ok = await self._llm.add_lora(LoRARequest(name, lora_id, path))
+        """Load an adapter into the engine's host tier. vLLM runs its own checks and load here
+        (``PEFTHelper``, ``LoRAModel.from_local_checkpoint``) and returns a failure to this caller;
+        the same failure met inside an engine step would kill the engine."""
+        _, LoRARequest, _ = _request_types()
+        if self._llm is None or self._llm.errored:
+            raise _dead()
+        try:
+            ok = await self._llm.add_lora(LoRARequest(name, lora_id, path))
+        except _engine_dead_error():
+            raise _dead() from None
+        except Exception as e:  # vLLM's utility-call failure: a plain Exception carrying the worker's message
+            raise LoraLoadError(_utility_message(e)) from None
         if not ok:
-            raise RuntimeError(f"vLLM refused to load adapter {name} from {path}")
+            raise LoraLoadError(f"vLLM did not load adapter {name} from {path}")
 
     async def remove_lora(self, lora_id: int) -> None:
-        await self._llm.remove_lora(lora_id)
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.remove_lora(lora_id)
 
     async def list_loras(self) -> set[int]:
         return set(await self._llm.list_loras())
+
+
+def _utility_message(e: Exception) -> str:
+    """vLLM wraps a worker's error as 'Call to add_lora method failed: <the error>'."""
+    text = str(e).strip() or type(e).__name__
+    return text.split("method failed: ", 1)[-1]

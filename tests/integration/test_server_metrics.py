@@ -65,7 +65,7 @@ def test_real_prometheus_scrapes_sane_values(traffic, tmp_path):
             try:
                 if query('up{job="loraplex"} == 1'):
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):  # not listening yet, or 503 "not ready" while it starts
                 pass
             time.sleep(0.5)
         assert query('up{job="loraplex"} == 1'), "Prometheus never scraped the server"

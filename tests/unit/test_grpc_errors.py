@@ -2,7 +2,8 @@
 
 The in-process server runs the real servicers, interceptor, tenants, rate
 limiter and registry; its engine is one that has not started, which is how
-FAILED_PRECONDITION (EngineNotReady) is reached without vLLM.
+UNAVAILABLE (EngineNotReady: retry, as gRPC clients do for this code) is reached
+without vLLM.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ S = grpc.StatusCode
     (e.Conflict("exists", field="name"), S.ALREADY_EXISTS),
     (e.RateLimited("slow down", retry_after=0.2), S.RESOURCE_EXHAUSTED),
     (e.QuotaExceeded("too many adapters", field="name"), S.RESOURCE_EXHAUSTED),
-    (e.EngineNotReady("the engine is not ready yet"), S.FAILED_PRECONDITION),
+    (e.EngineNotReady("the engine is not ready yet"), S.UNAVAILABLE),
+        (e.PayloadTooLarge("the upload is larger than 10 bytes", field="files"), S.RESOURCE_EXHAUSTED),
+        (e.AdapterLoadFailed("adapter x could not be loaded", field="model"), S.INTERNAL),
     (AdapterCacheFull("every adapter is pinned"), S.UNAVAILABLE),
 ])
 def test_every_service_error_has_its_code(exc, code):
@@ -115,7 +118,7 @@ def test_a_real_grpc_server_maps_service_errors(service):
         return got
 
     got = asyncio.run(scenario())
-    assert got["not ready"].code() == S.FAILED_PRECONDITION
+    assert got["not ready"].code() == S.UNAVAILABLE
     assert got["not ready"].details() == "the engine is not ready yet"
     assert dict(got["not ready"].trailing_metadata())["loraplex-code"] == "engine_not_ready"
     assert got["no key"].code() == S.UNAUTHENTICATED

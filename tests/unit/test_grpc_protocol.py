@@ -11,7 +11,7 @@ from server.api.grpc import protocol
 from server.api.grpc.pb import adapters_pb2 as apb
 from server.api.grpc.pb import inference_pb2 as ipb
 from server.api.http.protocol import ChatCompletionRequest, CompletionRequest
-from server.errors import AdapterRejected, InvalidArgument
+from server.errors import InvalidArgument, PayloadTooLarge
 
 # Each field at and just past its bounds: both fronts must agree on every one.
 EDGES = [("max_tokens", v) for v in (0, 1, 4096)] + [("temperature", v) for v in (0.0, 2.0, 2.01)] + \
@@ -62,8 +62,21 @@ async def _stream(*msgs):
         yield m
 
 
-def read(*msgs):
-    return asyncio.run(protocol.upload(_stream(*msgs)))
+def read(*msgs, tmp, max_bytes: int = 1 << 20):
+    """Run an Upload stream through the front's readers into a staging dir: (metadata, staged)."""
+    from server.adapters.staging import StagedUpload
+
+    async def main():
+        stream = aiter(_stream(*msgs))
+        meta = await protocol.upload_metadata(stream)
+        staged = StagedUpload(tmp, max_bytes=max_bytes)
+        try:
+            await protocol.upload_body(stream, staged)
+        finally:
+            staged.abort()
+        return meta, staged
+
+    return asyncio.run(main())
 
 
 META = apb.UploadRequest(metadata=apb.UploadMetadata(name="bot", tenant="acme"))
@@ -73,18 +86,19 @@ def chunk(name: str, data: bytes) -> apb.UploadRequest:
     return apb.UploadRequest(file=apb.FileChunk(filename=name, data=data))
 
 
-def test_file_chunks_are_joined_per_file_in_order():
-    meta, content = read(META, chunk("adapter_config.json", b"{\"r\":"), chunk("adapter_model.safetensors", b"AB"),
-                         chunk("adapter_config.json", b" 8}"), chunk("adapter_model.safetensors", b"CD"))
+def test_file_chunks_are_joined_per_file_in_order(tmp_path):
+    meta, _ = read(META, chunk("adapter_config.json", b"{\"r\":"), chunk("adapter_model.safetensors", b"AB"),
+                   chunk("adapter_config.json", b" 8}"), chunk("adapter_model.safetensors", b"CD"), tmp=tmp_path)
     assert (meta.name, protocol.tenant(meta), meta.replace) == ("bot", "acme", False)
-    assert {f.filename: f.data for f in content["files"]} == {"adapter_config.json": b"{\"r\": 8}",
-                                                              "adapter_model.safetensors": b"ABCD"}
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == {"adapter_config.json": b"{\"r\": 8}",
+                                                                    "adapter_model.safetensors": b"ABCD"}
 
 
-def test_archive_chunks_are_joined():
-    meta, content = read(apb.UploadRequest(metadata=apb.UploadMetadata(name="bot")),
-                         apb.UploadRequest(archive=b"\x1f\x8b"), apb.UploadRequest(archive=b"rest"))
-    assert protocol.tenant(meta) is None and content == {"tarball": b"\x1f\x8brest"}
+def test_archive_chunks_are_joined(tmp_path):
+    meta, _ = read(apb.UploadRequest(metadata=apb.UploadMetadata(name="bot")),
+                   apb.UploadRequest(archive=b"\x1f\x8b"), apb.UploadRequest(archive=b"rest"), tmp=tmp_path)
+    assert protocol.tenant(meta) is None
+    assert [f.read_bytes() for f in tmp_path.iterdir()] == [b"\x1f\x8brest"]
 
 
 @pytest.mark.parametrize("msgs, field", [
@@ -94,13 +108,13 @@ def test_archive_chunks_are_joined():
     ((META,), "files"),
     ((META, chunk("adapter_config.json", b"{}"), apb.UploadRequest(archive=b"x")), "archive"),
 ])
-def test_malformed_upload_streams_name_the_field(msgs, field):
+def test_malformed_upload_streams_name_the_field(msgs, field, tmp_path):
     with pytest.raises(InvalidArgument) as info:
-        read(*msgs)
+        read(*msgs, tmp=tmp_path)
     assert info.value.field == field
 
 
-def test_an_oversized_upload_is_refused_while_streaming(monkeypatch):
-    monkeypatch.setattr(protocol, "MAX_UPLOAD_BYTES", 10)
-    with pytest.raises(AdapterRejected):
-        read(META, chunk("adapter_model.safetensors", b"x" * 6), chunk("adapter_model.safetensors", b"x" * 6))
+def test_an_oversized_upload_is_refused_while_streaming(tmp_path):
+    with pytest.raises(PayloadTooLarge):
+        read(META, chunk("adapter_model.safetensors", b"x" * 6), chunk("adapter_model.safetensors", b"x" * 6),
+             tmp=tmp_path, max_bytes=10)

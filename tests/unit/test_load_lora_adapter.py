@@ -1,7 +1,8 @@
-"""vLLM's /v1/load_lora_adapter at the service layer: register, then load into the engine
-as vLLM does; an adapter the engine refuses leaves nothing registered and no blob stored.
+"""Uploads are loaded by vLLM before they are registered (its own checks and loader decide), and
+vLLM's /v1/load_lora_adapter works the same way: an adapter the engine refuses leaves nothing
+registered, cached or stored; one it loads is the new version's cache entry.
 
-A real Service (registry, store, tenants, residency); the engine stands in for vLLM's
+A real AdapterService (registry, store, tenants, residency); the engine stands in for vLLM's
 add_lora/remove_lora, which is what decides here.
 """
 
@@ -15,36 +16,39 @@ from server.adapters.registry import AdapterRegistry
 from server.adapters.store import AdapterStore
 from server.config import Settings
 from server.db import Database
+from server.engine.vllm_engine import LoraLoadError
 from server.errors import AdapterRejected, NotFound
 from server.metrics import Metrics
 from server.service import Service
 from server.tenants import Role, TenantStore
-from tests.adapter_files import adapter_files, tiny_base
+from tests.adapter_files import adapter_files, tiny_base, uploads
 
 
 class Engine:
     def __init__(self, refuse: bool = False):
         self.refuse = refuse
-        self.added: list[str] = []
+        self.loaded: dict[int, str] = {}  # lora id -> path
         self.removed: list[int] = []
+        self.ready = True
 
     async def add_lora(self, name, lora_id, path):
         if self.refuse:
-            raise RuntimeError("Loading lora failed: expected target modules ...")
-        self.added.append(name)
+            raise LoraLoadError("While loading ..., expected target modules in {...} but received [...]")
+        self.loaded[lora_id] = path
 
     async def remove_lora(self, lora_id):
+        self.loaded.pop(lora_id, None)
         self.removed.append(lora_id)
 
 
-def make(tmp_path, engine) -> tuple[Service, object, str]:
+def make(tmp_path, engine, **settings) -> tuple[Service, object, str]:
     root = tmp_path / "loras"
     src = root / "mine"
     src.mkdir(parents=True)
     for name, data in adapter_files().items():
         (src / name).write_bytes(data)
     db = Database(tmp_path / "registry.sqlite3")
-    settings = Settings(data_dir=tmp_path, max_model_len=256, lora_roots=[root])
+    settings = Settings(data_dir=tmp_path, max_model_len=256, lora_roots=[root], **settings)
     service = Service(settings, base=None, base_spec=tiny_base(), engine=engine, tokenizer=None,
                       tenants=TenantStore(db), registry=AdapterRegistry(db), store=AdapterStore(tmp_path / "adapters"),
                       metrics=Metrics())
@@ -52,33 +56,52 @@ def make(tmp_path, engine) -> tuple[Service, object, str]:
     return service, service.authenticate(f"Bearer {key}"), str(src)
 
 
-def test_a_load_puts_the_adapter_in_the_engine(tmp_path):
+def test_a_load_puts_the_adapter_in_the_engine_once(tmp_path):
     engine = Engine()
     service, admin, src = make(tmp_path, engine)
-    rec = asyncio.run(service.load_from_path(admin, "mine", src))
-    assert engine.added == [rec.key]
-    assert service.residency_of(rec) == "loaded"
-    assert service.residency.get(rec.key).refs == 0  # loaded, not held
+    rec = asyncio.run(service.adapters.load_from_path(admin, "mine", src))
+    entry = service.residency.get(rec.key)
+    assert service.adapters.residency_of(rec) == "loaded" and entry.refs == 0  # loaded, not held
+    assert list(engine.loaded) == [entry.lora_id] and engine.removed == []  # the validation load is kept
 
 
 def test_an_adapter_the_engine_refuses_is_not_kept(tmp_path):
     engine = Engine(refuse=True)
     service, admin, src = make(tmp_path, engine)
-    with pytest.raises(AdapterRejected, match="vLLM could not load") as err:
-        asyncio.run(service.load_from_path(admin, "mine", src))
+    with pytest.raises(AdapterRejected, match="vLLM refused the adapter: While loading") as err:
+        asyncio.run(service.adapters.load_from_path(admin, "mine", src))
     assert err.value.field == "lora_path"
     with pytest.raises(NotFound):
-        service.get_adapter(admin, "mine")
+        service.adapters.get_adapter(admin, "mine")
     assert service.residency.entries() == []
-    assert service.store.digests() == set()  # the blob went with the registration
+    assert service.store.digests() == set()  # nothing entered the store
+    assert list((service.store.root / ".staging").iterdir()) == []
 
 
-def test_a_refused_load_keeps_a_blob_another_adapter_uses(tmp_path):
+def test_a_refused_upload_keeps_a_blob_another_adapter_uses(tmp_path):
     engine = Engine()
     service, admin, src = make(tmp_path, engine)
-    kept = asyncio.run(service.load_from_path(admin, "first", src))
+    kept = asyncio.run(service.adapters.load_from_path(admin, "first", src))
     engine.refuse = True
     with pytest.raises(AdapterRejected):
-        asyncio.run(service.load_from_path(admin, "second", src))
-    assert service.get_adapter(admin, "first") == kept
+        asyncio.run(service.adapters.upload(admin, "second", files=uploads(adapter_files())))
+    assert service.adapters.get_adapter(admin, "first") == kept
     assert service.store.digests() == {kept.digest}
+
+
+def test_a_validation_load_that_does_not_fit_leaves_the_engine(tmp_path):
+    """With every cache entry pinned, the upload still registers; vLLM's copy is dropped, and
+    the adapter loads on its first request."""
+    engine = Engine()
+    service, admin, src = make(tmp_path, engine, max_loras=1, max_cpu_loras=1)
+
+    async def main():
+        first = await service.adapters.load_from_path(admin, "first", src)
+        await service.adapters.set_pinned(admin, "first", True)
+        second = await service.adapters.upload(admin, "second", files=uploads(adapter_files(fingerprint=None)))
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert service.adapters.residency_of(first) == "loaded"
+    assert service.adapters.residency_of(second) == "registered"
+    assert list(engine.loaded) == [service.residency.get(first.key).lora_id]

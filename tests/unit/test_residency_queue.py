@@ -1,5 +1,7 @@
-"""Admission when every loaded adapter is busy: wait for one to go idle (as vLLM's queue
-would hold the request), refuse at once only when pins alone fill the cache."""
+"""Admission: a cold adapter is loaded (add_lora) before its request goes on, concurrent requests
+share that load, a load vLLM refuses fails only the requests waiting on it; when every loaded
+adapter is busy, wait for one to go idle (as vLLM's queue would hold the request), refuse at once
+only when pins alone fill the cache."""
 
 from __future__ import annotations
 
@@ -7,17 +9,22 @@ import asyncio
 
 import pytest
 
-from server.adapters.residency import AdapterCacheFull, ResidencyManager
+from server.adapters.residency import AdapterCacheFull, Residency, ResidencyManager
+from server.errors import AdapterLoadFailed
 
 
 class Engine:
     """Stands in for vLLM's add/remove: the residency logic is what is under test."""
 
-    def __init__(self):
+    def __init__(self, refuse: set[str] = frozenset(), delay: float = 0.0):
         self.added: list[int] = []
         self.removed: list[int] = []
+        self.refuse, self.delay = refuse, delay
 
     async def add_lora(self, name, lora_id, path):
+        await asyncio.sleep(self.delay)
+        if path in self.refuse:
+            raise RuntimeError(f"Missing required configuration fields: {{'lora_alpha'}} ({path})")
         self.added.append(lora_id)
 
     async def remove_lora(self, lora_id):
@@ -36,8 +43,8 @@ def test_a_cold_adapter_waits_for_a_busy_one_to_finish():
         b = await asyncio.wait_for(b_task, 1)
         await asyncio.sleep(0)  # the eviction's remove_lora runs in the background
         assert r.get("t/a@1") is None and r.get("t/b@1") is b
-        # Admission loads nothing itself (vLLM loads b in its first step); a leaves the engine.
-        assert engine.added == [] and engine.removed == [a.lora_id]
+        # b is in the engine before its request goes on; a left it.
+        assert engine.added == [a.lora_id, b.lora_id] and engine.removed == [a.lora_id]
         r.release(b)
 
     asyncio.run(main())
@@ -65,8 +72,8 @@ def test_pins_that_fill_the_cache_are_refused_without_waiting():
     asyncio.run(main())
 
 
-def test_a_preload_that_needs_a_busy_adapter_gone_is_refused_at_once():
-    """/v1/load_lora_adapter warms the cache with wait=False: registering must not hang on traffic."""
+def test_a_warm_up_that_needs_a_busy_adapter_gone_is_refused_at_once():
+    """/v1/load_lora_adapter and uploads warm the cache with wait=False: they must not hang on traffic."""
     async def main():
         engine = Engine()
         r = ResidencyManager(engine, budget_bytes=10, max_entries=1, admission_timeout_s=60)
@@ -74,11 +81,62 @@ def test_a_preload_that_needs_a_busy_adapter_gone_is_refused_at_once():
         with pytest.raises(AdapterCacheFull):
             await asyncio.wait_for(r.acquire("t/b@1", "/b", 1, wait=False), 1)
         assert r.get("t/b@1") is None and r.get("t/a@1") is a  # nothing admitted, nothing evicted
+        assert not r.adopt("t/b@1", 99, "/b", 1)  # nor taken in
         r.release(a)
         b = await r.acquire("t/b@1", "/b", 1, wait=False)  # idle now: a makes room at once
-        await r.preload(b)
         await asyncio.sleep(0)
-        assert engine.added == [b.lora_id] and engine.removed == [a.lora_id]
+        assert engine.added == [a.lora_id, b.lora_id] and engine.removed == [a.lora_id]
         r.release(b)
+
+    asyncio.run(main())
+
+
+def test_concurrent_requests_share_one_load_and_a_refused_load_fails_only_its_requests():
+    async def main():
+        engine = Engine(refuse={"/bad"}, delay=0.05)
+        r = ResidencyManager(engine, budget_bytes=100, max_entries=4)
+        good = await asyncio.gather(*(r.acquire("t/good@1", "/good", 1) for _ in range(5)))
+        assert len({id(e) for e in good}) == 1 and good[0].refs == 5 and engine.added == [good[0].lora_id]
+        bad = await asyncio.gather(*(r.acquire("t/bad@1", "/bad", 1) for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(e, AdapterLoadFailed) for e in bad)
+        assert "'bad' could not be loaded" in bad[0].message and "lora_alpha" in bad[0].message
+        assert bad[0].field == "model"
+        assert r.get("t/bad@1") is None  # nothing half-admitted: the next request tries again
+        assert r.get("t/good@1").state is Residency.LOADED and r.get("t/good@1").refs == 5
+        for e in good:
+            r.release(e)
+
+    asyncio.run(main())
+
+
+def test_a_version_retired_while_it_loads_leaves_once_loaded_and_idle():
+    async def main():
+        engine = Engine(delay=0.05)
+        r = ResidencyManager(engine, budget_bytes=100, max_entries=4)
+        drained = []
+        r.on_drained = drained.append
+        task = asyncio.create_task(r.acquire("t/a@1", "/a", 1, digest="d" * 64))
+        await asyncio.sleep(0.01)
+        assert r.get("t/a@1").state is Residency.LOADING and r.digests() == {"d" * 64}
+        await r.retire("t/a@1")
+        entry = await task  # the request still gets its adapter
+        assert entry.state is Residency.DRAINING
+        r.release(entry)
+        await asyncio.sleep(0.01)
+        assert r.get("t/a@1") is None and engine.removed == [entry.lora_id] and drained == ["t/a@1"]
+        assert r.digests() == set()
+
+    asyncio.run(main())
+
+
+def test_adopt_takes_in_an_adapter_already_loaded():
+    async def main():
+        engine = Engine()
+        r = ResidencyManager(engine, budget_bytes=100, max_entries=2)
+        lora_id = r.new_lora_id()
+        assert r.adopt("t/a@1", lora_id, "/a", 1, digest="a" * 64)
+        entry = await r.acquire("t/a@1", "/a", 1)
+        assert entry.lora_id == lora_id and engine.added == []  # a hit: no second load
+        r.release(entry)
 
     asyncio.run(main())

@@ -8,7 +8,7 @@ from server.adapters.registry import AdapterRegistry, validate_name
 from server.adapters.store import AdapterStore
 from server.adapters.upload import MANIFEST, UploadFile, ingest, unpack, validate
 from server.db import Database
-from server.errors import AdapterRejected, InvalidArgument
+from server.errors import AdapterRejected, InvalidArgument, PayloadTooLarge
 from server.tenants import Quotas, TenantStore
 from tests.adapter_files import (
     FINGERPRINT, adapter_config, adapter_files, lora_tensors, tar_gz, tiny_base, uploads,
@@ -65,11 +65,16 @@ def test_tarball_of_a_trainer_output_dir(server):
     assert "README.md" not in {p.name for p in server.store.path(record.digest).iterdir()}
 
 
-def test_rank_pattern_sets_per_module_rank(server):
+def test_per_module_rank_is_refused_and_a_pattern_that_changes_nothing_is_accepted(server):
+    """vLLM 0.25 ignores rank_pattern (it would serve q_proj with r=8's scaling): refused on both lines."""
     config = adapter_config(r=8, rank_pattern={"q_proj": 16})
     tensors = lora_tensors(8, ("q_proj", "v_proj"), ranks={"q_proj": 16})
-    record = server.upload(files=uploads(adapter_files(config=config, tensors=tensors)))
-    assert record.rank == 16
+    with pytest.raises(AdapterRejected, match="vLLM 0.25 ignores them") as e:
+        server.upload(files=uploads(adapter_files(config=config, tensors=tensors)))
+    assert e.value.field == "rank_pattern[q_proj]"
+    server.assert_nothing_kept()
+    same = adapter_config(r=8, rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 16})
+    assert server.upload(files=uploads(adapter_files(config=same))).rank == 8
 
 
 def test_adapter_without_manifest_is_accepted(tmp_path):
@@ -101,6 +106,60 @@ def _unknown_dtype():  # a header our size check accepts and the safetensors lib
     return files
 
 
+def _int_weights():
+    import torch
+
+    tensors = {k: (v * 100).to(torch.int32) for k, v in lora_tensors().items()}
+    return adapter_files(tensors=tensors)
+
+
+def _nan_weights():
+    tensors = lora_tensors()
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    return adapter_files(tensors=tensors)
+
+
+def _overlapping_offsets():
+    """Every tensor claims the first bytes of the data: the sizes add up, the layout lies."""
+    import json as _json
+    import struct
+
+    st = _good()["adapter_model.safetensors"]
+    n = struct.unpack("<Q", st[:8])[0]
+    header = _json.loads(st[8:8 + n])
+    keys = [k for k in header if k != "__metadata__"]
+    end = max(header[k]["data_offsets"][1] for k in keys)
+    first = header[keys[0]]["data_offsets"]
+    header[keys[1]]["data_offsets"] = list(first)
+    header[keys[0]]["data_offsets"] = [first[0], end] if first[1] != end else first
+    raw = _json.dumps(header).encode()
+    raw += b" " * (n - len(raw)) if len(raw) <= n else b""
+    return {**_good(), "adapter_model.safetensors": struct.pack("<Q", len(raw)) + raw + st[8 + n:]}
+
+
+def _many_members(n):
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for i in range(n):  # empty directory entries: no bytes, only members to walk through
+            info = tarfile.TarInfo(f"d{i}")
+            info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def _config_without(key):
+    import json as _json
+
+    files = _good()
+    config = _json.loads(files["adapter_config.json"])
+    del config[key]
+    files["adapter_config.json"] = _json.dumps(config).encode()
+    return files
+
+
 def _other_base_shapes():
     big = {"q_proj": (256, 256), "v_proj": (256, 128)}  # hidden 256: another model
     return adapter_files(tensors=lora_tensors(8, ("q_proj", "v_proj"), linears=big))
@@ -113,7 +172,16 @@ def _other_base_layers():
 REJECTED = {
     "corrupted safetensors": (dict(files=_corrupted_header), "adapter_model.safetensors", "not JSON"),
     "truncated safetensors": (dict(files=_truncated), "adapter_model.safetensors", "header describes"),
-    "unknown dtype": (dict(files=_unknown_dtype), "adapter_model.safetensors", "corrupted"),
+    "unknown dtype": (dict(files=_unknown_dtype), "adapter_model.safetensors", "must be one of"),
+    "integer weights": (dict(files=_int_weights), "adapter_model.safetensors", "is I32"),
+    "NaN weights": (dict(files=_nan_weights), "adapter_model.safetensors", "NaN or infinite"),
+    "lying header (offsets overlap)": (dict(files=_overlapping_offsets), "adapter_model.safetensors", "corrupted"),
+    "no lora_alpha": (dict(files=lambda: _config_without("lora_alpha")), "lora_alpha", "required"),
+    "lora_alpha a string": (dict(files=lambda: adapter_files(config=adapter_config(lora_alpha="16"))),
+                            "lora_alpha", "finite number"),
+    "use_qalora": (dict(files=lambda: adapter_files(config=adapter_config(use_qalora=True))), "use_qalora",
+                   "QA-LoRA"),
+    "tar with too many members": (dict(tarball=lambda: _many_members(70)), "files", "more than 64 members"),
     "pickle .bin": (dict(files=lambda: {**_good(), "adapter_model.bin": b"\x80\x04K\x01."}), "files", "pickle"),
     "pickle instead of safetensors": (
         dict(files=lambda: {"adapter_config.json": _good()["adapter_config.json"], "adapter_model.pt": b"\x80"}),
@@ -187,10 +255,15 @@ def test_files_and_tarball_together_are_refused(tmp_path):
         unpack([UploadFile("adapter_config.json", b"{}")], tar_gz({}), tmp_path)
 
 
-def test_size_cap_applies_to_tarballs(tmp_path):
+def test_size_cap_applies_to_tarballs_and_what_they_unpack_to(tmp_path):
     files = adapter_files()
-    with pytest.raises(AdapterRejected, match="more than 1000 bytes"):
+    with pytest.raises(PayloadTooLarge, match="larger than 1000 bytes"):
         unpack(None, tar_gz(files), tmp_path, max_bytes=1000)
+    bomb = tar_gz({"adapter_model.safetensors": b"\0" * 200_000, "adapter_config.json": b"{}"})
+    assert len(bomb) < 2000
+    (tmp_path / "b").mkdir()
+    with pytest.raises(PayloadTooLarge, match="unpacks to more than 2000 bytes"):
+        unpack(None, bomb, tmp_path / "b", max_bytes=2000)
 
 
 def test_trailing_bytes_after_tensors_are_refused(tmp_path):

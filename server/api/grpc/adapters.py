@@ -1,8 +1,9 @@
 """loraplex.v1.Adapters: upload, list, get, replace, delete, pin -- the /v1/adapters routes over gRPC.
 
-Uploads are client streams: ``protocol.upload`` joins the chunks after the
-caller's key checked out, and ``Service.upload`` validates, stores and
-registers them exactly as it does for a multipart HTTP upload.
+Uploads are client streams: once the caller's key and the metadata check out, the
+chunks are written into a staging directory as they arrive, and
+``AdapterService.add`` validates, stores and registers them exactly as it does
+for a multipart HTTP upload.
 """
 
 from __future__ import annotations
@@ -34,27 +35,31 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     async def _upload(self, requests, context: Context, *, replace: bool) -> apb.Adapter:
         principal = self._principal(context)  # before reading the body: a bad key is refused whatever it sends
-        meta, content = await protocol.upload(requests)
-        rec = await self.service.upload(principal, meta.name, tenant=protocol.tenant(meta),
-                                        replace=replace or meta.replace, **content)
+        stream = aiter(requests)
+        meta = await protocol.upload_metadata(stream)
+        adapters, tenant, replace = self.service.adapters, protocol.tenant(meta), replace or meta.replace
+        adapters.check_upload(principal, meta.name, tenant, replace=replace)  # a taken name: before the bytes
+        async with adapters.staging() as staged:
+            await protocol.upload_body(stream, staged)
+            rec = await adapters.add(principal, meta.name, staged, tenant=tenant, replace=replace)
         return protocol.adapter(self.service, rec)
 
     async def List(self, request: apb.ListAdaptersRequest, context: Context) -> apb.ListAdaptersResponse:
-        records = self.service.list_adapters(self._principal(context), protocol.tenant(request))
+        records = self.service.adapters.list_adapters(self._principal(context), protocol.tenant(request))
         return apb.ListAdaptersResponse(adapters=[protocol.adapter(self.service, r) for r in records])
 
     async def Get(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
-        rec = self.service.get_adapter(self._principal(context), request.name, protocol.tenant(request))
+        rec = self.service.adapters.get_adapter(self._principal(context), request.name, protocol.tenant(request))
         return protocol.adapter(self.service, rec)
 
     async def Delete(self, request: apb.AdapterRef, context: Context) -> apb.DeleteAdapterResponse:
-        removed = await self.service.delete_adapter(self._principal(context), request.name, protocol.tenant(request))
+        removed = await self.service.adapters.delete(self._principal(context), request.name, protocol.tenant(request))
         return apb.DeleteAdapterResponse(name=request.name, versions=len(removed))
 
     async def Pin(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
-        rec = await self.service.set_pinned(self._principal(context), request.name, True, protocol.tenant(request))
+        rec = await self.service.adapters.set_pinned(self._principal(context), request.name, True, protocol.tenant(request))
         return protocol.adapter(self.service, rec)
 
     async def Unpin(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
-        rec = await self.service.set_pinned(self._principal(context), request.name, False, protocol.tenant(request))
+        rec = await self.service.adapters.set_pinned(self._principal(context), request.name, False, protocol.tenant(request))
         return protocol.adapter(self.service, rec)

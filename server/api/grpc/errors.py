@@ -32,8 +32,10 @@ CODES: dict[type[e.LoraplexError], grpc.StatusCode] = {
     e.Conflict: grpc.StatusCode.ALREADY_EXISTS,
     e.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    e.EngineNotReady: grpc.StatusCode.FAILED_PRECONDITION,
+    e.PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.EngineNotReady: grpc.StatusCode.UNAVAILABLE,
     AdapterCacheFull: grpc.StatusCode.UNAVAILABLE,
+    e.AdapterLoadFailed: grpc.StatusCode.INTERNAL,
 }
 
 

@@ -9,16 +9,17 @@ anything the service decides.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from server.adapters.registry import AdapterRecord
-from server.adapters.upload import MAX_UPLOAD_BYTES, UploadFile
+from server.adapters.staging import StagedUpload
 from server.api.grpc.pb import adapters_pb2 as apb
 from server.api.grpc.pb import inference_pb2 as ipb
 from server.engine.types import Completion, Sampling
-from server.errors import AdapterRejected, InvalidArgument
+from server.errors import InvalidArgument
 from server.service import ModelCard, Service, Usage
 
 ROLES = {ipb.ROLE_SYSTEM: "system", ipb.ROLE_USER: "user", ipb.ROLE_ASSISTANT: "assistant",
@@ -78,36 +79,29 @@ def messages(req: ipb.ChatRequest) -> list[dict]:
     return [{"role": ROLES[m.role], "content": m.content} for m in req.messages]
 
 
-async def upload(requests: AsyncIterator[apb.UploadRequest]) -> tuple[apb.UploadMetadata, dict]:
-    """Read an Upload/Replace stream: the metadata, and ``files=`` or ``tarball=`` for ``Service.upload``."""
-    stream = aiter(requests)
+async def upload_metadata(stream: AsyncIterator[apb.UploadRequest]) -> apb.UploadMetadata:
+    """The first message of an Upload/Replace stream, which must be its metadata."""
     first = await anext(stream, None)
     if first is None or first.WhichOneof("part") != "metadata":
         raise InvalidArgument("the first message of an upload must be its metadata", field="metadata")
-    files: dict[str, bytearray] = {}
-    archive: bytearray | None = None
-    total = 0
+    return first.metadata
+
+
+async def upload_body(stream: AsyncIterator[apb.UploadRequest], staged: StagedUpload) -> None:
+    """The rest of the stream, written into ``staged`` as it arrives (file work in a worker thread)."""
+    received = False
     async for msg in stream:
         part = msg.WhichOneof("part")
         if part == "file":
-            files.setdefault(msg.file.filename, bytearray()).extend(msg.file.data)
-            total += len(msg.file.data)
+            await asyncio.to_thread(staged.write_file, msg.file.filename, msg.file.data)
         elif part == "archive":
-            archive = archive if archive is not None else bytearray()
-            archive.extend(msg.archive)
-            total += len(msg.archive)
+            await asyncio.to_thread(staged.write_archive, msg.archive)
         else:
             raise InvalidArgument("metadata must be sent once, as the first message", field="metadata")
-        if total > MAX_UPLOAD_BYTES:
-            raise AdapterRejected(f"the upload is larger than {MAX_UPLOAD_BYTES} bytes", field="files")
-    if archive is not None and files:
-        raise InvalidArgument("send either files or archive, not both", field="archive")
-    if archive is not None:
-        return first.metadata, {"tarball": bytes(archive)}
-    if not files:
+        received = True
+    if not received:
         raise InvalidArgument("no adapter files: send adapter_config.json and adapter_model.safetensors as "
                               "'file' chunks, or a .tar.gz as 'archive' chunks", field="files")
-    return first.metadata, {"files": [UploadFile(name, bytes(data)) for name, data in files.items()]}
 
 
 def tenant(req) -> str | None:
@@ -141,4 +135,4 @@ def adapter(service: Service, rec: AdapterRecord) -> apb.Adapter:
     return apb.Adapter(name=rec.name, model=f"{service.served_name}:{rec.name}", tenant=rec.tenant,
                        version=rec.version, digest=f"sha256:{rec.digest}", rank=rec.rank,
                        target_modules=list(rec.target_modules), size_bytes=rec.size_bytes, pinned=rec.pinned,
-                       created=int(rec.created_at), residency=service.residency_of(rec))
+                       created=int(rec.created_at), residency=service.adapters.residency_of(rec))

@@ -1,13 +1,16 @@
-"""Adapter management: upload, list, get, replace, delete, pin -- and vLLM's load/unload endpoints."""
+"""Adapter management: upload, list, get, replace, delete, pin -- and vLLM's load/unload endpoints.
+
+Uploads take the raw request: the key is checked first (``deps.principal``), then the
+multipart body streams into a staging directory (``multipart.receive``).
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from server.adapters.registry import AdapterRecord
-from server.adapters.upload import UploadFile as Upload
-from server.api.http import deps
+from server.api.http import deps, multipart
 from server.api.http.protocol import LoadLoraRequest, UnloadLoraRequest
 from server.errors import InvalidArgument
 from server.service import Service
@@ -20,77 +23,79 @@ def card(service: Service, rec: AdapterRecord) -> dict:
     return {"id": rec.name, "object": "adapter", "model": f"{service.served_name}:{rec.name}", "tenant": rec.tenant,
             "version": rec.version, "digest": f"sha256:{rec.digest}", "rank": rec.rank,
             "target_modules": list(rec.target_modules), "size_bytes": rec.size_bytes, "pinned": rec.pinned,
-            "created": int(rec.created_at), "residency": service.residency_of(rec)}
+            "created": int(rec.created_at), "residency": service.adapters.residency_of(rec)}
 
 
-async def _read(files: list[UploadFile] | None, archive: UploadFile | None) -> dict:
-    if archive is not None and files:
-        raise InvalidArgument("send either files or archive, not both", field="archive")
-    if archive is not None:
-        return {"tarball": await archive.read()}
-    if not files:
-        raise InvalidArgument("no adapter files: send adapter_config.json and adapter_model.safetensors as "
-                              "'files', or a .tar.gz as 'archive'", field="files")
-    return {"files": [Upload(f.filename or "", await f.read()) for f in files]}
+async def _upload(request: Request, principal: Principal, service: Service, *, name: str | None,
+                  tenant: str | None) -> AdapterRecord:
+    adapters = service.adapters
+    replace = name is not None
+
+    def before_files(fields: dict[str, str]) -> None:
+        if (n := name or fields.get("name")) is not None:
+            adapters.check_upload(principal, n, tenant or fields.get("tenant"), replace=replace)
+
+    async with adapters.staging() as staged:
+        fields = await multipart.receive(request, staged, before_files=before_files)
+        if name is None and "name" not in fields:
+            raise InvalidArgument("the form has no 'name' field: the adapter's name", field="name")
+        return await adapters.add(principal, name or fields["name"], staged, tenant=tenant or fields.get("tenant"),
+                                  replace=replace)
 
 
 @router.post("/v1/adapters", status_code=201)
-async def upload(name: str = Form(...), tenant: str | None = Form(None), files: list[UploadFile] | None = File(None),
-                 archive: UploadFile | None = File(None), principal: Principal = Depends(deps.principal),
+async def upload(request: Request, tenant: str | None = None, principal: Principal = Depends(deps.principal),
                  service: Service = Depends(deps.service)):
-    rec = await service.upload(principal, name, tenant=tenant, **await _read(files, archive))
-    return card(service, rec)
+    return card(service, await _upload(request, principal, service, name=None, tenant=tenant))
 
 
 @router.get("/v1/adapters")
 async def list_adapters(tenant: str | None = None, principal: Principal = Depends(deps.principal),
                         service: Service = Depends(deps.service)):
-    return {"object": "list", "data": [card(service, r) for r in service.list_adapters(principal, tenant)]}
+    return {"object": "list", "data": [card(service, r) for r in service.adapters.list_adapters(principal, tenant)]}
 
 
 @router.get("/v1/adapters/{name}")
 async def get_adapter(name: str, tenant: str | None = None, principal: Principal = Depends(deps.principal),
                       service: Service = Depends(deps.service)):
-    return card(service, service.get_adapter(principal, name, tenant))
+    return card(service, service.adapters.get_adapter(principal, name, tenant))
 
 
 @router.put("/v1/adapters/{name}")
-async def replace(name: str, tenant: str | None = Form(None), files: list[UploadFile] | None = File(None),
-                  archive: UploadFile | None = File(None), principal: Principal = Depends(deps.principal),
-                  service: Service = Depends(deps.service)):
-    rec = await service.upload(principal, name, tenant=tenant, replace=True, **await _read(files, archive))
-    return card(service, rec)
+async def replace(name: str, request: Request, tenant: str | None = None,
+                  principal: Principal = Depends(deps.principal), service: Service = Depends(deps.service)):
+    return card(service, await _upload(request, principal, service, name=name, tenant=tenant))
 
 
 @router.delete("/v1/adapters/{name}")
 async def delete(name: str, tenant: str | None = None, principal: Principal = Depends(deps.principal),
                  service: Service = Depends(deps.service)):
-    removed = await service.delete_adapter(principal, name, tenant)
+    removed = await service.adapters.delete(principal, name, tenant)
     return {"id": name, "object": "adapter", "deleted": True, "versions": len(removed)}
 
 
 @router.post("/v1/adapters/{name}/pin")
 async def pin(name: str, tenant: str | None = None, principal: Principal = Depends(deps.principal),
               service: Service = Depends(deps.service)):
-    return card(service, await service.set_pinned(principal, name, True, tenant))
+    return card(service, await service.adapters.set_pinned(principal, name, True, tenant))
 
 
 @router.post("/v1/adapters/{name}/unpin")
 async def unpin(name: str, tenant: str | None = None, principal: Principal = Depends(deps.principal),
                 service: Service = Depends(deps.service)):
-    return card(service, await service.set_pinned(principal, name, False, tenant))
+    return card(service, await service.adapters.set_pinned(principal, name, False, tenant))
 
 
 # vLLM's own endpoints, so its tooling works unchanged (admins only, paths under --lora-roots).
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoraRequest, principal: Principal = Depends(deps.principal),
                             service: Service = Depends(deps.service)):
-    await service.load_from_path(principal, req.lora_name, req.lora_path, req.tenant)
+    await service.adapters.load_from_path(principal, req.lora_name, req.lora_path, req.tenant)
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(req: UnloadLoraRequest, principal: Principal = Depends(deps.principal),
                               service: Service = Depends(deps.service)):
-    await service.delete_adapter(principal, req.lora_name, req.tenant)
+    await service.adapters.delete(principal, req.lora_name, req.tenant)
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")

@@ -22,8 +22,10 @@ STATUS: dict[type[e.LoraplexError], int] = {
     e.Conflict: 409,
     e.RateLimited: 429,
     e.QuotaExceeded: 429,
+    e.PayloadTooLarge: 413,
     e.EngineNotReady: 503,
     AdapterCacheFull: 503,
+    e.AdapterLoadFailed: 500,
 }
 
 

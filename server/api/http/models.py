@@ -23,7 +23,10 @@ async def list_models(principal: Principal = Depends(deps.principal), service: S
 
 
 @router.get("/health")
-async def health():
+async def health(service: Service = Depends(deps.service)):
+    """Liveness: 503 while the engine is dead or being restarted (see server/runtime.py)."""
+    if not service.engine.ready:
+        return JSONResponse({"status": "engine_dead", "engine": "restarting"}, status_code=503)
     return {"status": "ok"}
 
 

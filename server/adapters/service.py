@@ -1,0 +1,301 @@
+"""The adapter service: upload, replace, delete, pin -- and what keeps the store honest.
+
+An upload goes: bytes into a staging directory as they arrive
+(:class:`~server.adapters.staging.StagedUpload`) -> loraplex's own rules
+(``validate``: config, manifest, tensors) -> **vLLM loads it** (``add_lora`` of
+the staged directory, under a spare host-tier slot: vLLM's ``PEFTHelper`` and
+loader decide, on whichever vLLM line is installed, and a refusal comes back as
+a 400 instead of killing the engine in a later step) -> the blob is renamed into
+the store -> the row is committed -> the loaded adapter is kept as the new
+version's cache entry. Any failure undoes what came before it.
+
+What is reclaimed, and when:
+
+- A replaced version is RETIRED; once its last in-flight request ends, its row
+  is dropped and its blob released. 1000 replaces leave one version.
+- A blob is deleted only when no row refers to it, no cache entry may still
+  load it, and its grace period (``--adapter-gc-grace-s``, from the delete or
+  retirement that released it) has passed. The grace covers a request that
+  resolved the old version just before it went.
+- :meth:`AdapterService.recover` runs at start and repairs what a crash
+  (``kill -9`` anywhere in an upload) can leave: staging directories, blobs no
+  row refers to, rows whose blob is gone, retired rows with nothing in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from server import failpoints
+from server.adapters.registry import AdapterRecord, AdapterRegistry, validate_name
+from server.adapters.residency import ResidencyManager
+from server.adapters.staging import StagedUpload, copy_dir
+from server.adapters.store import AdapterStore
+from server.adapters.upload import BaseSpec, UploadFile, feed, validate
+from server.config import Settings
+from server.errors import AdapterRejected, Conflict, InvalidArgument, PermissionDenied, QuotaExceeded
+from server.tenants.store import Principal, TenantStore
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterService:
+    def __init__(self, settings: Settings, *, base_spec: BaseSpec, engine, tenants: TenantStore,
+                 registry: AdapterRegistry, store: AdapterStore, residency: ResidencyManager,
+                 namespace: Callable[[Principal, str | None], str]):
+        self.settings = settings
+        self.base_spec = base_spec
+        self.engine = engine
+        self.tenants = tenants
+        self.registry = registry
+        self.store = store
+        self.residency = residency
+        self.namespace = namespace
+        self.gc_grace_s = settings.adapter_gc_grace_s
+        self._store_lock = asyncio.Lock()  # put + register, and gc: a blob is never live-but-unregistered
+        self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
+        self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
+        residency.on_drained = self._drained
+
+    # ------------------------------------------------------------ upload
+
+    def check_upload(self, principal: Principal, name: str, tenant: str | None, *, replace: bool) -> str:
+        """Refuse what the registry would refuse, before any bytes are read; returns the namespace."""
+        ns = self.namespace(principal, tenant)
+        validate_name(name)
+        if replace:
+            self.registry.get(ns, name)
+        else:
+            self._check_new(ns, name, self._quotas(principal, ns))
+        return ns
+
+    @asynccontextmanager
+    async def staging(self, *, max_bytes: int | None = None) -> AsyncIterator[StagedUpload]:
+        """A :class:`StagedUpload` in a fresh staging directory, removed on exit unless stored."""
+        with self.store.staging_dir() as path:
+            staged = StagedUpload(path, max_bytes=max_bytes or self.settings.max_upload_bytes)
+            try:
+                yield staged
+            finally:
+                staged.abort()
+
+    async def add(self, principal: Principal, name: str, staged: StagedUpload, *, tenant: str | None = None,
+                  replace: bool = False, refusal_field: str = "files") -> AdapterRecord:
+        """Validate, have vLLM load, store and register a staged upload; on any failure nothing is kept."""
+        ns = self.check_upload(principal, name, tenant, replace=replace)
+        max_rank = min(self.settings.max_lora_rank, self._quotas(principal, ns).max_rank)
+        # File work (unpack, hash, parse, scan the tensors) runs in a worker thread: an upload
+        # of hundreds of MB must not stall the streams being served.
+        digest = await asyncio.to_thread(staged.finish)
+        info = await asyncio.to_thread(validate, staged.dir, self.base_spec, max_rank=max_rank)
+        async with self._validate_lock:
+            t0 = time.perf_counter()
+            lora_id = await self._validate_in_engine(staged.dir, refusal_field)
+            load_seconds = time.perf_counter() - t0
+            try:
+                async with self._store_lock:
+                    existed = self.store.exists(digest)
+                    await asyncio.to_thread(self.store.put, staged.dir, digest=digest)
+                    failpoints.hit("upload.blob_stored")
+                    try:
+                        if replace:
+                            new, old = self.registry.replace(ns, name, digest, info)
+                        else:
+                            new, old = self.registry.add(ns, name, digest, info,
+                                                         max_adapters=self._quotas(principal, ns).max_adapters), None
+                    except BaseException:
+                        if not existed and digest not in self._live():
+                            self.store.delete(digest)
+                        raise
+                failpoints.hit("upload.committed")
+            except BaseException:
+                await self._drop_from_engine(lora_id)
+                raise
+            path = str(self.store.path(digest))
+            if not self.residency.adopt(new.key, lora_id, path, new.size_bytes, digest=digest, pinned=new.pinned,
+                                        load_seconds=load_seconds):
+                await self._drop_from_engine(lora_id)  # no room without waiting: it loads on first use
+        if old is not None:
+            await self._retire(old)
+        return new
+
+    async def upload(self, principal: Principal, name: str, *, files: list[UploadFile] | None = None,
+                     tarball: bytes | None = None, tenant: str | None = None, replace: bool = False) -> AdapterRecord:
+        """:meth:`add` for an upload already in memory (tools and tests)."""
+        self.check_upload(principal, name, tenant, replace=replace)
+        async with self.staging() as staged:
+            await asyncio.to_thread(feed, staged, files, tarball)
+            return await self.add(principal, name, staged, tenant=tenant, replace=replace)
+
+    async def _validate_in_engine(self, path: Path, field: str) -> int:
+        """vLLM loads the staged adapter (its checks, its loader) into the spare slot: the id."""
+        from server.engine.vllm_engine import LoraLoadError
+
+        lora_id = self.residency.new_lora_id()
+        try:
+            await self.engine.add_lora(f"validate-{lora_id}", lora_id, str(path))
+        except LoraLoadError as e:
+            raise AdapterRejected(f"vLLM refused the adapter: {e}", field=field) from None
+        return lora_id
+
+    async def _drop_from_engine(self, lora_id: int) -> None:
+        try:
+            await self.engine.remove_lora(lora_id)
+        except Exception:
+            logger.warning("removing validation load %d from the engine failed", lora_id, exc_info=True)
+
+    def _quotas(self, principal: Principal, ns: str):
+        return self.tenants.get(ns).quotas if ns != principal.tenant else principal.quotas
+
+    def _check_new(self, tenant: str, name: str, quotas) -> None:
+        active = self.registry.list(tenant)
+        if any(r.name == name for r in active):
+            raise Conflict(f"adapter {name!r} already exists; PUT /v1/adapters/{name} replaces it", field="name")
+        if len(active) >= quotas.max_adapters:
+            raise QuotaExceeded(f"tenant {tenant!r} has {len(active)} adapters, its quota is {quotas.max_adapters}",
+                                field="name")
+
+    async def load_from_path(self, principal: Principal, name: str, path: str, tenant: str | None = None) -> AdapterRecord:
+        """vLLM's /v1/load_lora_adapter: admins only, and only from --lora-roots."""
+        if not principal.is_admin:
+            raise PermissionDenied("loading adapters from server paths needs an admin key", field="lora_path")
+        if not isinstance(path, str) or "\0" in path:
+            raise InvalidArgument("lora_path must be a path without NUL bytes", field="lora_path")
+        real = Path(path).resolve()
+        roots = [r.resolve() for r in self.settings.lora_roots]
+        if not any(real.is_relative_to(r) for r in roots):
+            raise PermissionDenied(f"lora_path must be under one of the configured --lora-roots "
+                                   f"({', '.join(map(str, roots)) or 'none configured'})", field="lora_path")
+        if not real.is_dir():
+            raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
+        self.check_upload(principal, name, tenant, replace=False)
+        async with self.staging() as staged:
+            await asyncio.to_thread(_copy_from_roots, real, roots, staged)
+            return await self.add(principal, name, staged, tenant=tenant, refusal_field="lora_path")
+
+    # ------------------------------------------------------------ queries
+
+    def list_adapters(self, principal: Principal, tenant: str | None = None) -> list[AdapterRecord]:
+        return self.registry.list(self.namespace(principal, tenant))
+
+    def get_adapter(self, principal: Principal, name: str, tenant: str | None = None) -> AdapterRecord:
+        return self.registry.get(self.namespace(principal, tenant), name)
+
+    def residency_of(self, rec: AdapterRecord) -> str:
+        entry = self.residency.get(rec.key)
+        return entry.state.value if entry else "registered"
+
+    def tiers(self, registered: int) -> dict[str, int]:
+        loaded = [e for e in self.residency.entries() if e.state.value == "loaded"]
+        busy = sum(1 for e in loaded if e.refs > 0)
+        return {"registered": registered, "cpu": len(loaded), "gpu": min(busy, self.settings.max_loras)}
+
+    # ------------------------------------------------------------ delete, pin
+
+    async def delete(self, principal: Principal, name: str, tenant: str | None = None) -> list[AdapterRecord]:
+        removed = self.registry.delete(self.namespace(principal, tenant), name)
+        for rec in removed:
+            self._retiring.pop(rec.key, None)
+            self.store.release(rec.digest)
+            await self.residency.retire(rec.key)
+        await self.gc()
+        return removed
+
+    async def set_pinned(self, principal: Principal, name: str, pinned: bool, tenant: str | None = None) -> AdapterRecord:
+        ns = self.namespace(principal, tenant)
+        self.registry.set_pinned(ns, name, pinned)
+        rec = self.registry.get(ns, name)
+        if pinned:  # pinning keeps it warm: load now
+            await self.warm(rec, wait=True)
+        self.residency.set_pinned(rec.key, pinned)
+        return rec
+
+    async def warm(self, rec: AdapterRecord, *, wait: bool = False) -> None:
+        """Load a registered adapter into the engine's host tier now. If that needs room, the
+        least recently used idle adapter leaves; with every adapter busy it raises
+        :class:`AdapterCacheFull` at once unless ``wait``."""
+        entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
+                                             digest=rec.digest, pinned=rec.pinned, wait=wait)
+        self.residency.release(entry)
+
+    # ------------------------------------------------------------ reclaiming
+
+    async def _retire(self, old: AdapterRecord) -> None:
+        """A replaced version: out of service now, its row and blob reclaimed once it drains."""
+        if self.residency.get(old.key) is None:
+            self._forget(old)
+            await self.gc()
+            return
+        self._retiring[old.key] = old
+        await self.residency.retire(old.key)
+
+    def _drained(self, key: str) -> None:
+        """Residency's hook: a version left the engine (idle eviction or drained retirement)."""
+        if (old := self._retiring.pop(key, None)) is not None:
+            self._forget(old)
+            asyncio.get_running_loop().create_task(self.gc())
+
+    def _forget(self, old: AdapterRecord) -> None:
+        self.registry.forget(old)
+        self.store.release(old.digest)
+
+    def _live(self) -> set[str]:
+        """Blobs that must stay: a row refers to them, or a cache entry may still load them."""
+        return self.registry.live_digests() | self.residency.digests()
+
+    async def gc(self) -> list[str]:
+        async with self._store_lock:
+            try:
+                removed = await asyncio.to_thread(self.store.gc, self._live(), grace_s=self.gc_grace_s)
+            except Exception:
+                logger.warning("adapter store gc failed", exc_info=True)
+                return []
+        for digest in removed:
+            logger.info("reclaimed adapter blob %s", digest)
+        return removed
+
+    async def gc_forever(self) -> None:
+        """Collect blobs as their grace periods end (deletes and drains collect at once too)."""
+        period = max(1.0, min(60.0, self.gc_grace_s / 2 or 1.0))
+        while True:
+            await asyncio.sleep(period)
+            await self.gc()
+
+    def recover(self) -> dict[str, int]:
+        """Repair what a crash left, before serving. Nothing is in flight yet, so retired rows
+        and unreferenced blobs go at once. Logs one line per thing repaired."""
+        counts = {"staging": 0, "retired_rows": 0, "rows_without_blob": 0, "orphan_blobs": 0}
+        for path in self.store.clean_staging():
+            logger.warning("recovery: removed leftover staging directory %s (an upload cut short)", path.name)
+            counts["staging"] += 1
+        for rec in self.registry.records():
+            if not self.store.exists(rec.digest) or not self.store.intact(rec.digest):
+                logger.error("recovery: adapter %s has no intact blob %s; dropping its row (upload it again)",
+                             rec.key, rec.digest)
+                self.registry.drop(rec)
+                counts["rows_without_blob"] += 1
+        for rec in self.registry.retired():
+            logger.info("recovery: dropping retired version %s (nothing in flight after a restart)", rec.key)
+            self.registry.forget(rec)
+            counts["retired_rows"] += 1
+        for digest in sorted(self.store.digests() - self.registry.live_digests()):
+            logger.warning("recovery: removing adapter blob %s that no adapter refers to", digest)
+            self.store.delete(digest)
+            counts["orphan_blobs"] += 1
+        return counts
+
+
+def _copy_from_roots(src: Path, roots: list[Path], staged: StagedUpload) -> None:
+    """A server directory's adapter files. A symlink may point anywhere under the
+    --lora-roots (say, at a shared weights file) but not outside them."""
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not any(f.resolve().is_relative_to(r) for r in roots):
+            raise PermissionDenied(f"{f.name} in lora_path links outside the configured --lora-roots",
+                                   field="lora_path")
+    copy_dir(src, staged)
+

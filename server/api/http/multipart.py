@@ -1,0 +1,134 @@
+"""A multipart/form-data upload, streamed into a :class:`StagedUpload` as it arrives.
+
+FastAPI's ``Form``/``File`` parameters read the whole body (spooled to a temp
+file) before the route runs. Adapter uploads are hundreds of MB, and the route
+must refuse a bad key, a taken name or an oversized body before it reads them;
+so the route takes the raw request, its key already checked, and this parser
+(python-multipart, the one Starlette uses) writes each file part into the
+staging directory chunk by chunk, in a worker thread.
+
+Form fields: ``name`` and ``tenant`` (text), ``files`` (each adapter file, as
+many parts) or ``archive`` (one .tar.gz).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from server.adapters.staging import StagedUpload
+from server.errors import InvalidArgument, PayloadTooLarge
+
+TEXT_FIELDS = ("name", "tenant")
+FILE_FIELDS = ("files", "archive")
+MAX_FIELD_BYTES = 1024
+MAX_PARTS = 32
+_BATCH = 1 << 20  # bytes handed to the parser per worker-thread hop
+
+
+class _Form:
+    """python-multipart's callbacks: headers -> a part's kind, data -> the staged upload or a field."""
+
+    def __init__(self, staged: StagedUpload, before_files: Callable[[dict[str, str]], None]):
+        self.staged, self.before_files = staged, before_files
+        self.fields: dict[str, str] = {}
+        self.parts = 0
+        self._checked = False
+        self._header_name = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._kind: tuple[str, str | None] | None = None  # (form field, file name or None)
+        self._text = bytearray()
+
+    def callbacks(self) -> dict:
+        return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
+                "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished, "on_part_data": self._data,
+                "on_part_end": self._part_end}
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise InvalidArgument(f"the form has more than {MAX_PARTS} parts", field="files")
+        self._headers, self._kind, self._text = {}, None, bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_cb(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_name.lower()] = self._header_value
+        self._header_name, self._header_value = b"", b""
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = params.get(b"name", b"").decode("utf-8", "replace")
+        filename = params.get(b"filename")
+        if name in TEXT_FIELDS and filename is None:
+            self._kind = (name, None)
+            return
+        if name not in FILE_FIELDS:
+            known = ", ".join((*TEXT_FIELDS, *FILE_FIELDS))
+            raise InvalidArgument(f"unexpected form field {name!r}; an upload has {known}", field=name or "files")
+        if not self._checked:  # the first file part: refuse a taken name or a quota before any bytes
+            self._checked = True
+            self.before_files(dict(self.fields))
+        self._kind = (name, (filename or b"").decode("utf-8", "replace"))
+        if name == "files":
+            self.staged.write_file(self._kind[1], b"")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        field, filename = self._kind
+        chunk = data[start:end]
+        if filename is None:
+            self._text += chunk
+            if len(self._text) > MAX_FIELD_BYTES:
+                raise InvalidArgument(f"form field {field!r} is longer than {MAX_FIELD_BYTES} bytes", field=field)
+        elif field == "files":
+            self.staged.write_file(filename, chunk)
+        else:
+            self.staged.write_archive(chunk)
+
+    def _part_end(self) -> None:
+        field, filename = self._kind
+        if filename is None:
+            if field in self.fields:
+                raise InvalidArgument(f"form field {field!r} is given twice", field=field)
+            self.fields[field] = self._text.decode("utf-8", "replace")
+        elif field == "files":
+            self.staged.end_file(filename)
+
+
+async def receive(request: Request, staged: StagedUpload, *,
+                  before_files: Callable[[dict[str, str]], None] = lambda fields: None) -> dict[str, str]:
+    """Stream the request's form into ``staged``; returns the text fields. ``before_files`` gets
+    the text fields sent ahead of the first file part, to refuse the upload before its bytes."""
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if ctype != b"multipart/form-data" or not boundary:
+        raise InvalidArgument("an adapter upload is multipart/form-data (fields name, files or archive)",
+                              field="files")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > staged.max_bytes + (1 << 20):
+        raise PayloadTooLarge(f"the request body is {declared} bytes; uploads are at most {staged.max_bytes} "
+                              "bytes (--max-upload-bytes)", field="files")
+    form = _Form(staged, before_files)
+    parser = MultipartParser(boundary, form.callbacks())
+    pending = bytearray()
+    try:
+        async for chunk in request.stream():
+            pending += chunk
+            if len(pending) >= _BATCH:
+                await asyncio.to_thread(parser.write, bytes(pending))
+                pending.clear()
+        await asyncio.to_thread(parser.write, bytes(pending))
+        parser.finalize()
+    except MultipartParseError as e:
+        raise InvalidArgument(f"malformed multipart body: {e}", field="files") from None
+    return form.fields
