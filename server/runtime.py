@@ -1,7 +1,7 @@
 """Assemble the server from settings: base, registry, store, engine, service, fronts.
 
-Start: resolve the base -> open the registry -> start vLLM -> repair what a crash
-left (``AdapterService.recover``) -> serve HTTP (and gRPC) with two background
+Start: resolve the base -> open the registry -> repair what a crash left
+(``adapters.service.recover``) -> start vLLM -> serve HTTP (and gRPC) with two background
 tasks: :func:`watch_engine`, and the adapter store's garbage collector.
 
 **A dead engine is restarted in process.** vLLM's engine core runs in its own
@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager
 
 from server.adapters.registry import AdapterRegistry
 from server.adapters.residency import engine_max_cpu_loras
+from server.adapters.service import recover
 from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec
 from server.config import Settings
@@ -49,6 +50,10 @@ def build(settings: Settings, *, engine=None) -> Service:
     served = settings.served_name or (settings.base if settings.base == "smollm2-135m" else base.path.name)
     spec = BaseSpec.from_config(served, base.config, base.fingerprint)
     db = open_db(settings)
+    registry, store = AdapterRegistry(db), AdapterStore(settings.data_dir / "adapters")
+    counts = recover(registry, store)
+    if any(counts.values()):
+        logger.warning("recovered from an unclean stop: %s", counts)
     if engine is None:
         engine = VllmEngine(EngineOptions(
             model=str(base.path), served_name=served, quantization=settings.quantization, dtype=settings.dtype,
@@ -59,11 +64,8 @@ def build(settings: Settings, *, engine=None) -> Service:
         engine.start()
     service = Service(settings, base=base, base_spec=spec, engine=engine,
                       tokenizer=AutoTokenizer.from_pretrained(base.path), tenants=TenantStore(db),
-                      registry=AdapterRegistry(db), store=AdapterStore(settings.data_dir / "adapters"),
+                      registry=registry, store=store,
                       metrics=Metrics(top_n=settings.metrics_top_adapters))
-    counts = service.adapters.recover()
-    if any(counts.values()):
-        logger.warning("recovered from an unclean stop: %s", counts)
     register_state(service)
     return service
 

@@ -17,7 +17,7 @@ What is reclaimed, and when:
   load it, and its grace period (``--adapter-gc-grace-s``, from the delete or
   retirement that released it) has passed. The grace covers a request that
   resolved the old version just before it went.
-- :meth:`AdapterService.recover` runs at start and repairs what a crash
+- :func:`recover` runs at start and repairs what a crash
   (``kill -9`` anywhere in an upload) can leave: staging directories, blobs no
   row refers to, rows whose blob is gone, retired rows with nothing in flight.
 """
@@ -266,28 +266,29 @@ class AdapterService:
             await asyncio.sleep(period)
             await self.gc()
 
-    def recover(self) -> dict[str, int]:
-        """Repair what a crash left, before serving. Nothing is in flight yet, so retired rows
-        and unreferenced blobs go at once. Logs one line per thing repaired."""
-        counts = {"staging": 0, "retired_rows": 0, "rows_without_blob": 0, "orphan_blobs": 0}
-        for path in self.store.clean_staging():
-            logger.warning("recovery: removed leftover staging directory %s (an upload cut short)", path.name)
-            counts["staging"] += 1
-        for rec in self.registry.records():
-            if not self.store.exists(rec.digest) or not self.store.intact(rec.digest):
-                logger.error("recovery: adapter %s has no intact blob %s; dropping its row (upload it again)",
-                             rec.key, rec.digest)
-                self.registry.drop(rec)
-                counts["rows_without_blob"] += 1
-        for rec in self.registry.retired():
-            logger.info("recovery: dropping retired version %s (nothing in flight after a restart)", rec.key)
-            self.registry.forget(rec)
-            counts["retired_rows"] += 1
-        for digest in sorted(self.store.digests() - self.registry.live_digests()):
-            logger.warning("recovery: removing adapter blob %s that no adapter refers to", digest)
-            self.store.delete(digest)
-            counts["orphan_blobs"] += 1
-        return counts
+
+def recover(registry: AdapterRegistry, store: AdapterStore) -> dict[str, int]:
+    """Repair what a crash left, before serving. Nothing is in flight yet, so retired rows and
+    unreferenced blobs go at once. Logs one line per thing repaired; returns the counts."""
+    counts = {"staging": 0, "retired_rows": 0, "rows_without_blob": 0, "orphan_blobs": 0}
+    for path in store.clean_staging():
+        logger.warning("recovery: removed leftover staging directory %s (an upload cut short)", path.name)
+        counts["staging"] += 1
+    for rec in registry.records():
+        if not store.exists(rec.digest) or not store.intact(rec.digest):
+            logger.error("recovery: adapter %s has no intact blob %s; dropping its row (upload it again)",
+                         rec.key, rec.digest)
+            registry.drop(rec)
+            counts["rows_without_blob"] += 1
+    for rec in registry.retired():
+        logger.info("recovery: dropping retired version %s (nothing in flight after a restart)", rec.key)
+        registry.forget(rec)
+        counts["retired_rows"] += 1
+    for digest in sorted(store.digests() - registry.live_digests()):
+        logger.warning("recovery: removing adapter blob %s that no adapter refers to", digest)
+        store.delete(digest)
+        counts["orphan_blobs"] += 1
+    return counts
 
 
 def _copy_from_roots(src: Path, roots: list[Path], staged: StagedUpload) -> None:

@@ -28,7 +28,9 @@ import functools
 import logging
 import os
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger: in the engine processes vLLM configures only its own loggers, so this is
+# how a line from the patch reaches the server log.
+logger = logging.getLogger("vllm.loraplex")
 
 ENV = "LORAPLEX_ENGINE_PATCHES"
 PLUGIN = "loraplex"

@@ -32,6 +32,8 @@ class Process:
     def __init__(self, argv: list[str], port: int, log: Path):
         self.argv, self.port, self.log_path = argv, port, log
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
+        """Extra environment for the next start (LORAPLEX_FAILPOINTS, say)."""
 
     @property
     def url(self) -> str:
@@ -40,7 +42,7 @@ class Process:
     def start(self, timeout: float = 240) -> "Process":
         self.log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -63,6 +65,48 @@ class Process:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+    def kill9(self) -> None:
+        """SIGKILL the server and every process under it (vLLM's engine core), as a crash would."""
+        import psutil
+
+        procs = psutil.Process(self.proc.pid).children(recursive=True) + [psutil.Process(self.proc.pid)]
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(procs, timeout=30)
+        self.proc.wait()
+        self.log.close()
+
+    def engine_core(self):
+        """vLLM's engine-core process under the server (psutil.Process)."""
+        import psutil
+
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        raise LookupError("no vLLM engine-core process under the server")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def wait_for_log(self, text: str, *, since: int = 0, timeout: float = 60) -> None:
+        """Until ``text`` appears in the log after byte ``since`` (a :meth:`log_size` taken before)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.log_path.open("rb") as f:
+                f.seek(since)
+                if text.encode() in f.read():
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} before logging {text!r}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{text!r} not in the server log after {timeout}s:\n{self.tail()}")
 
     def tail(self, n: int = 4000) -> str:
         return self.log_path.read_bytes()[-n:].decode(errors="replace")

@@ -84,3 +84,41 @@ def test_gc_removes_only_unreferenced_blobs(store):
     assert store.gc({live}) == []  # both are fresh: an upload may be about to register them
     assert store.gc({live}, grace_s=0) == [dead]
     assert store.digests() == {live}
+
+
+def _blob(store, data: bytes) -> str:
+    with store.staging_dir() as path:
+        (path / "a").write_bytes(data)
+        return store.put(path)[0]
+
+
+def test_the_grace_period_runs_from_release_not_from_upload(store):
+    import os
+    import time
+
+    old = _blob(store, b"uploaded long ago")
+    past = time.time() - 3600
+    os.utime(store.path(old), (past, past))
+    assert store.gc(set(), grace_s=60) == [old]  # unreferenced for an hour: gone
+    kept = _blob(store, b"deleted just now")
+    os.utime(store.path(kept), (past, past))
+    store.release(kept)  # the delete that let go of it happened now
+    assert store.gc(set(), grace_s=60) == []
+    assert store.gc(set(), grace_s=0) == [kept]
+
+
+def test_clean_staging_removes_what_dead_processes_left_and_keeps_live_uploads(store):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    root = store.root / ".staging"
+    (root / f"upload-{dead}-abcd").mkdir()
+    (root / f"upload-{dead}-abcd" / "adapter_model.safetensors").write_bytes(b"half")
+    (root / "upload-legacy").mkdir()  # an older server's name: no owner
+    with store.staging_dir() as mine:  # this process's upload in progress
+        removed = {p.name for p in store.clean_staging()}
+        assert removed == {f"upload-{dead}-abcd", "upload-legacy"}
+        assert mine.exists()
+    assert staged_leftovers(store) == []
