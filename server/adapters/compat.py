@@ -85,8 +85,12 @@ def target_violations(targets: Any, architecture: str, *, field: str = "target_m
     if targets == "all-linear":
         return []
     if isinstance(targets, str):
-        # PEFT treats a string as a regex over full module names; resolve it the same way.
-        pattern = re.compile(targets)
+        # PEFT treats a string as a regex over full module names; resolve it the same way. It is
+        # only ever matched against these few short names, so even a pathological pattern is cheap.
+        try:
+            pattern = re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            return [Violation(field, f"is not a valid regular expression ({e}); got {targets!r}")]
         names = [m for m in supported if pattern.fullmatch(m) or pattern.search(m)]
         if not names:
             return [Violation(field, f"regex {targets!r} matches none of {', '.join(sorted(supported))}")]
@@ -119,6 +123,8 @@ _UNSUPPORTED_FEATURES = {
     "kasa_config": "KaSA adapters are not supported by vLLM",
     "monteclora_config": "MonteCLoRA adapters are not supported by vLLM",
 }
+MAX_SCALING = 1e4
+"""|lora_alpha / r| above this overflows fp16 activations: refused as out of range."""
 _BOOLEANS = ("use_rslora", "use_dora", "lora_bias", "use_qalora", "fan_in_fan_out", "inference_mode")
 
 
@@ -164,6 +170,11 @@ def check_adapter_config(
         out.append(v)
     if "lora_alpha" in config and not _number(config["lora_alpha"]):
         out.append(Violation("lora_alpha", f"must be a finite number; got {config['lora_alpha']!r}"))
+    elif _number(config.get("lora_alpha")) and _number(config.get("r")) and config["r"] > 0:
+        scale = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") is True else config["r"])
+        if abs(scale) > MAX_SCALING:
+            out.append(Violation("lora_alpha", f"gives a LoRA scaling of {scale:.3g}; more than {MAX_SCALING:g} "
+                                 "turns the adapter's outputs into inf in 16-bit (PEFT's usual is 1 or 2)"))
     for key in _BOOLEANS:
         if key in config and config[key] is not None and not isinstance(config[key], bool):
             out.append(Violation(key, f"must be true or false; got {config[key]!r}"))

@@ -37,6 +37,7 @@ def test_plain_lora_passes():
     ({"lora_alpha": "32"}, "lora_alpha"),
     ({"lora_alpha": float("nan")}, "lora_alpha"),
     ({"lora_alpha": True}, "lora_alpha"),
+    ({"lora_alpha": 1e308}, "lora_alpha"),  # finite, but a scaling that overflows any 16-bit activation
     ({"use_qalora": True}, "use_qalora"),
     ({"use_rslora": "yes"}, "use_rslora"),
     ({"lora_bias": True}, "lora_bias"),

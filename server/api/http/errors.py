@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapters.residency import AdapterCacheFull
 from server import errors as e
+
+logger = logging.getLogger(__name__)
 
 STATUS: dict[type[e.LoraplexError], int] = {
     e.InvalidArgument: 400,
@@ -77,6 +80,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         return JSONResponse(body(str(exc.detail), "invalid_request_error", None, None), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        # A bug, not a client's mistake: OpenAI's body all the same, and the traceback in the log.
+        logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+        return JSONResponse(body("the server hit an internal error; it is logged", "server_error", None,
+                                 "internal_error"), status_code=500)
 
     @app.exception_handler(json.JSONDecodeError)
     async def _json(request: Request, exc: json.JSONDecodeError):
