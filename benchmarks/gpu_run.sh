@@ -8,6 +8,13 @@
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 base peft     # ~5 min
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 loraplex      # bitsandbytes 4-bit
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 vllm
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh mixed loraplex vllm   # ~3 min each, no setup needed
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh corpus                # ~2 min
+#
+# `mixed` and `corpus` are the engine-safety checks on this vLLM line: base and adapter requests
+# mixed under LoRA slot churn, each compared with its own model's answer (benchmarks/mixed_traffic.py;
+# vLLM's CPU kernels gave base requests another adapter's weights, so a vLLM upgrade must not
+# bring that here unseen), and the corpus of adapters vLLM refuses (benchmarks/refused_corpus.py).
 #
 # Every step adds its rows to $BENCH_WORK/results/<config>/compare.json and copies
 # that, the plot, and the logs of this step to $OUT.
@@ -51,8 +58,21 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     done
     nvidia-smi --query-gpu=memory.used --format=csv
     ;;
+  mixed)  # mixed SYSTEM...: loraplex and/or vllm
+    for system in "$@"; do
+      timeout 280 python3 benchmarks/mixed_traffic.py --system "$system" --device cuda --reference solo \
+        --duration "${BENCH_DURATION:-60}" --clients 64 --work "$W/mixed" --out "$OUT/mixed_traffic-$system.json" \
+        2>&1 | grep -v "kernels-community" > "$OUT/mixed_traffic-$system.log"
+      tail -n 1 "$OUT/mixed_traffic-$system.log"
+    done
+    ;;
+  corpus)
+    timeout 400 python3 benchmarks/refused_corpus.py --device cuda --work "$W/corpus" --out "$OUT/refused_corpus.json" \
+      2>&1 | grep -v "kernels-community" > "$OUT/refused_corpus.log"
+    tail -n 1 "$OUT/refused_corpus.log"
+    ;;
   *)
-    echo "usage: gpu_run.sh setup | {bf16|bnb4} SYSTEM..." >&2
+    echo "usage: gpu_run.sh setup | mixed SYSTEM... | corpus | {bf16|bnb4} SYSTEM..." >&2
     exit 2
     ;;
 esac
