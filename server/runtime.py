@@ -82,7 +82,7 @@ async def watch_engine(service: Service, give_up, *, poll_s: float = 1.0) -> Non
         if not service.engine.dead:
             continue
         logger.error("the vLLM engine died; every request now gets 503 until it is back")
-        service.residency.reset()  # the new engine starts with no adapter loaded
+        service.adapters.engine_lost()  # the new engine starts with no adapter loaded
         if restarts >= service.settings.engine_restarts:
             logger.error("the engine died %d times (--engine-restarts %d); exiting with status %d for the "
                          "supervisor", restarts + 1, service.settings.engine_restarts, ENGINE_GAVE_UP)

@@ -240,6 +240,14 @@ class AdapterService:
             self._forget(old)
             asyncio.get_running_loop().create_task(self.gc())
 
+    def engine_lost(self) -> None:
+        """The engine died: nothing is loaded any more and every request on it failed, so the
+        retired versions waiting for their requests to drain have drained."""
+        self.residency.reset()
+        for old in self._retiring.values():
+            self._forget(old)
+        self._retiring.clear()
+
     def _forget(self, old: AdapterRecord) -> None:
         self.registry.forget(old)
         self.store.release(old.digest)

@@ -90,3 +90,21 @@ def test_recover_repairs_each_kind_of_leftover(tmp_path):
     assert list((store.root / ".staging").iterdir()) == []
     assert recover(registry, store) == dict.fromkeys(counts, 0)  # idempotent
     _ = orphan, old
+
+
+def test_a_dead_engine_drains_every_retired_version(tmp_path):
+    """Requests on a dead engine have failed: what was waiting for them to drain is reclaimed."""
+    engine = Engine()
+    service, admin, _ = make(tmp_path, engine, adapter_gc_grace_s=0)
+
+    async def main():
+        v1 = await service.adapters.upload(admin, "bot", files=uploads(variant(1)))
+        await service.residency.acquire(v1.key, str(service.store.path(v1.digest)), v1.size_bytes, digest=v1.digest)
+        v2 = await service.adapters.upload(admin, "bot", files=uploads(variant(2)), replace=True)
+        service.adapters.engine_lost()
+        await service.adapters.gc()
+        return v2
+
+    v2 = asyncio.run(main())
+    assert [r.version for r in service.registry.records()] == [2]
+    assert service.store.digests() == {v2.digest} and service.residency.entries() == []
