@@ -46,8 +46,9 @@ def lora_tensors(r: int = 8, targets=("q_proj", "v_proj"), *, layers: int = 2, l
             rank = (ranks or {}).get(t, r)
             in_f, out_f = linears[t]
             prefix = f"base_model.model.model.layers.{layer}.{_GROUP[t]}.{t}"
-            out[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=g)  # [r, in]
-            out[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=g)  # [out, r]
+            # Magnitudes of a trained adapter: A near PEFT's init (|A| ~ sqrt(r)), B small.
+            out[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) / in_f ** 0.5  # [r, in]
+            out[f"{prefix}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.05  # [out, r]
     return out
 
 

@@ -37,6 +37,11 @@ VLLM_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 # Linear layers vLLM's model class takes LoRA on, per HF architecture. vLLM packs
 # q/k/v into qkv_proj and gate/up into gate_up_proj; PEFT names are the unpacked ones.
 _LLAMA_LIKE = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+# Where each of those linears sits in the model: model.layers.<i>.<parent>.<linear>. vLLM matches an
+# adapter's tensors by that full path and silently drops one it has no module for (a q_proj under
+# mlp., say), so the upload check holds tensors to it.
+LINEAR_PARENTS: dict[str, str] = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+                                  "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 LORA_TARGETS: dict[str, frozenset[str]] = {
     "LlamaForCausalLM": _LLAMA_LIKE,
     "MistralForCausalLM": _LLAMA_LIKE,
@@ -95,7 +100,7 @@ def target_violations(targets: Any, architecture: str, *, field: str = "target_m
         if not names:
             return [Violation(field, f"regex {targets!r} matches none of {', '.join(sorted(supported))}")]
         return []
-    if not isinstance(targets, (list, tuple, set)) or not targets:
+    if not isinstance(targets, (list, tuple, set)) or not targets or not all(isinstance(t, str) for t in targets):
         return [Violation(field, f"must be 'all-linear' or a non-empty list of module names; got {targets!r}")]
     bad = sorted(str(t) for t in targets if t not in supported)
     if bad:

@@ -165,13 +165,55 @@ def _member_parts(name: str) -> list[str]:
     return [p for p in name.split("/") if p not in ("", ".")]
 
 
+MAX_TAR_HEADER_BYTES = 64 << 10
+"""Largest GNU long-name or pax extended header: ``tarfile`` reads one whole into memory, and a
+1 MB upload can declare a 4 GB one."""
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Refuses an oversized extended header before ``tarfile`` reads it into memory."""
+
+    def _proc_member(self, tarfile_):
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise AdapterRejected(f"tar member {self.name!r} has a {self.size}-byte extended header; at most "
+                                  f"{MAX_TAR_HEADER_BYTES} bytes are read", field="files")
+        return super()._proc_member(tarfile_)
+
+
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+
+def _check_stream(archive: Path, max_bytes: int) -> None:
+    """Decompress the whole archive once, counting: refuses one that unpacks to more than
+    ``max_bytes`` (headers and padding included) or whose stream is cut short (a gzip without its
+    trailer reads fine up to the last member, so tarfile alone would accept it)."""
+    import bz2
+    import lzma
+
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    opener = (gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic[:3] == b"BZh"
+              else lzma.open if magic[:6] == b"\xfd7zXZ\x00" else open)
+    total = 0
+    try:
+        with opener(archive, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+                if total > max_bytes + (1 << 20):  # tar's own headers and padding on top of the files
+                    raise PayloadTooLarge(f"the archive unpacks to more than {max_bytes} bytes", field="files")
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise AdapterRejected(f"not a readable tar.gz archive ({e})", field="files") from None
+
+
 def _unpack_archive(archive: Path, dest: Path, max_bytes: int) -> dict[str, str]:
     """The archive's adapter files into ``dest``; returns their sha256 by name."""
+    _check_stream(archive, max_bytes)
     digests: dict[str, str] = {}
     folders: set[tuple[str, ...]] = set()
     total = members = 0
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
+        with tarfile.open(archive, mode="r:*", tarinfo=_TarInfo) as tar:
             for member in tar:  # lazily: the caps stop a bomb before it is all read
                 members += 1
                 if members > MAX_ARCHIVE_MEMBERS:

@@ -20,13 +20,14 @@ from a worker thread.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server.adapters.compat import IncompatibleAdapter, check_adapter_config, ensure_same_base
+from server.adapters.compat import LINEAR_PARENTS, IncompatibleAdapter, check_adapter_config, ensure_same_base
 from server.adapters.staging import CONFIG, MANIFEST, MAX_UPLOAD_BYTES, WEIGHTS, StagedUpload
 from server.adapters.store import AdapterStore
 from server.errors import AdapterRejected
@@ -136,8 +137,9 @@ def validate(dest: Path, base: BaseSpec, *, max_rank: int) -> AdapterInfo:
         except IncompatibleAdapter as e:
             raise AdapterRejected(f"{MANIFEST}: {e.violations[0].message}; this server serves {base.name}, "
                                   "the adapter was made for another base", field="base_fingerprint") from None
-    shapes = _tensor_shapes(dest / WEIGHTS)
+    shapes, norms = _tensor_shapes(dest / WEIGHTS)
     ranks, targets = _check_tensors(shapes, config, base)
+    _check_gain(norms, config)
     return AdapterInfo(
         rank=max(ranks), target_modules=sorted(targets),
         size_bytes=sum(f.stat().st_size for f in dest.iterdir() if f.is_file()),
@@ -145,11 +147,35 @@ def validate(dest: Path, base: BaseSpec, *, max_rank: int) -> AdapterInfo:
     )
 
 
+MAX_JSON_DEPTH = 16
+"""PEFT configs, manifests and safetensors headers nest 3 or 4 levels deep."""
+
+
+def load_json(raw: bytes | str, what: str) -> Any:
+    """``json.loads`` that refuses what it cannot parse, including nesting deep enough to exhaust
+    the interpreter's stack (json's C parser raises RecursionError there), or any deeper than
+    :data:`MAX_JSON_DEPTH`, which later code would walk recursively."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{what} is not valid JSON: {str(e) or 'nested too deeply'}") from None
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"{what} nests more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return value
+
+
 def _read_json(path: Path) -> dict:
     try:
-        value = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterRejected(f"{path.name} is not valid JSON: {e}", field=path.name) from None
+        value = load_json(path.read_bytes(), path.name)
+    except ValueError as e:
+        raise AdapterRejected(str(e), field=path.name) from None
     if not isinstance(value, dict):
         raise AdapterRejected(f"{path.name} must hold a JSON object", field=path.name)
     return value
@@ -181,9 +207,9 @@ def read_safetensors_header(path: Path) -> dict:
         if n > min(size - 8, MAX_HEADER_BYTES):
             raise _corrupted(f"the header claims {n} bytes, more than the {size}-byte file holds")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _corrupted(f"the header is not JSON ({e})") from None
+            header = load_json(f.read(n), "the header")
+        except ValueError as e:
+            raise _corrupted(str(e)) from None
     if not isinstance(header, dict):
         raise _corrupted("the header is not a JSON object")
     end = 0
@@ -200,9 +226,11 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape, after checking the header, the dtypes and that every value is finite
-    (a NaN in a tenant's weights would turn its outputs into NaN, and it costs one read)."""
+def _tensor_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
+    """Every tensor's shape and Frobenius norm, after checking the header, the dtypes and that every
+    value is finite in float32, the precision vLLM computes LoRA in at most (a NaN or inf in one
+    tenant's weights turns its outputs into NaN, and on vLLM's CPU attention a NaN left in a freed
+    KV-cache block reaches the next requests to use it)."""
     import torch
     from safetensors import safe_open
 
@@ -211,41 +239,64 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         if key != "__metadata__" and entry.get("dtype") not in FLOAT_DTYPES:
             raise AdapterRejected(f"tensor {key!r} is {entry.get('dtype')}; LoRA weights must be one of "
                                   f"{', '.join(sorted(FLOAT_DTYPES))}", field=WEIGHTS)
-    shapes = {}
+    shapes, norms = {}, {}
     try:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                tensor = f.get_tensor(key)
+                tensor = f.get_tensor(key).to(torch.float32)  # what a float64 adapter becomes in vLLM
                 if not bool(torch.isfinite(tensor).all()):
-                    raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values", field=WEIGHTS)
-                shapes[key] = tuple(tensor.shape)
+                    raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values (in float32)",
+                                          field=WEIGHTS)
+                norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+                if not math.isfinite(norm):
+                    raise AdapterRejected(f"tensor {key!r} has values too large to compute with", field=WEIGHTS)
+                shapes[key], norms[key] = tuple(tensor.shape), norm
     except AdapterRejected:
         raise
     except Exception as e:  # the library's own parse errors have no common public type
         raise _corrupted(str(e)) from None
-    return shapes
+    return shapes, norms
 
 
-def _parse_key(key: str) -> tuple[str, int, str, str] | None:
+_KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.([0-9]+)\.([a-z_]+)\.([a-z_0-9]+))\.lora_([AB])\.weight")
+
+
+def _parse_key(key: str) -> tuple[str, int, str, str, str] | None:
     """``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``
-    -> (``model.layers.3.self_attn.q_proj``, 3, ``q_proj``, ``A``)."""
-    m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight", key)
+    -> (``model.layers.3.self_attn.q_proj``, 3, ``self_attn``, ``q_proj``, ``A``)."""
+    m = _KEY.fullmatch(key)
     if m is None:
         return None
-    module, ab = m.groups()
-    parts = module.split(".")
-    if "layers" not in parts[:-2]:
-        return None
-    index = parts[parts.index("layers") + 1]
-    if not (index.isascii() and index.isdigit()):
-        return None
-    return module, int(index), parts[-1], ab
+    module, index, parent, linear, ab = m.groups()
+    return module, int(index), parent, linear, ab
 
 
 def _rank_for(module: str, config: Mapping[str, Any]) -> int:
     """The rank PEFT gave this module. ``compat`` accepts ``rank_pattern`` entries only where they
     equal ``r`` (vLLM 0.25 ignores them), so no tenant-supplied pattern needs matching here."""
     return config["r"]
+
+
+MAX_GAIN = 1e4
+"""Largest bound on how much one module's LoRA update can amplify its input:
+scaling x ||B||_F x ||A||_F (>= the spectral norm of scaling * B @ A). Trained adapters are at
+1-100 (PEFT's init gives ||A||_F ~ sqrt(r/3), and B starts at zero); 1e37-scaled weights, which
+overflow to inf inside the engine, are far above."""
+
+
+def _check_gain(norms: Mapping[str, float], config: Mapping[str, Any]) -> None:
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / (math.sqrt(r) if config.get("use_rslora") is True else r)
+    for key, a_norm in norms.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        b_key = key.removesuffix(".lora_A.weight") + ".lora_B.weight"
+        gain = abs(scaling) * a_norm * norms.get(b_key, 0.0)
+        if gain > MAX_GAIN:
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            raise AdapterRejected(f"{module}'s LoRA update can amplify its input {gain:.3g}-fold (scaling x "
+                                  f"|B| x |A|), over the {MAX_GAIN:g} allowed: weights this large overflow in the "
+                                  "engine (trained adapters are at 1-100)", field=WEIGHTS)
 
 
 def _check_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any],
@@ -258,15 +309,19 @@ def _check_tensors(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, A
     for key, shape in sorted(shapes.items()):
         parsed = _parse_key(key)
         if parsed is None:
-            raise AdapterRejected(f"tensor {key!r} is not a LoRA weight (expected "
-                                  "'...layers.<i>.<module>.lora_A.weight' or '.lora_B.weight')", field=WEIGHTS)
-        module, layer, linear, ab = parsed
+            raise AdapterRejected(f"tensor {key!r} is not a LoRA weight of this base (expected "
+                                  "'model.layers.<i>.<self_attn|mlp>.<linear>.lora_A.weight' or '.lora_B.weight')",
+                                  field=WEIGHTS)
+        module, layer, parent, linear, ab = parsed
         if layer >= base.num_layers:
             raise AdapterRejected(f"tensor {key!r} is for layer {layer}, but {base.name} has {base.num_layers} "
                                   f"layers: {other_base}", field=WEIGHTS)
         if linear not in base.linear_shapes:
             raise AdapterRejected(f"tensor {key!r} targets {linear!r}, which {base.name} has no LoRA slot for",
                                   field=WEIGHTS)
+        if parent != LINEAR_PARENTS.get(linear, parent):
+            raise AdapterRejected(f"tensor {key!r} puts {linear} under {parent}, but {base.name} has it under "
+                                  f"{LINEAR_PARENTS[linear]}: vLLM would silently drop it", field=WEIGHTS)
         r = _rank_for(module, config)
         in_features, out_features = base.linear_shapes[linear]
         expected = (r, in_features) if ab == "A" else (out_features, r)  # A: [r, in], B: [out, r]

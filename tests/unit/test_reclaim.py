@@ -12,13 +12,13 @@ from server.adapters.store import AdapterStore
 from server.adapters.upload import AdapterInfo
 from server.db import Database
 from server.tenants import TenantStore
-from tests.adapter_files import adapter_config, adapter_files, uploads
+from tests.adapter_files import adapter_files, lora_tensors, uploads
 from tests.unit.test_load_lora_adapter import Engine, make
 
 
 def variant(i: int) -> dict[str, bytes]:
     """A distinct adapter (distinct digest) per i."""
-    return adapter_files(config=adapter_config(lora_alpha=16 + i), fingerprint=None)
+    return adapter_files(tensors=lora_tensors(seed=i), fingerprint=None)
 
 
 def test_a_thousand_replaces_leave_one_version(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tarfile
+
 import pytest
 
 from server.adapters.registry import AdapterRegistry, validate_name
@@ -150,6 +152,39 @@ def _many_members(n):
     return buf.getvalue()
 
 
+def _long_header(kind):
+    """A tar whose first member declares a 16 MiB extended header (compressed to a few KB)."""
+    import io
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        info = tarfile.TarInfo("././@LongLink")
+        info.type, info.size = kind, 16 << 20
+        tar.addfile(info, io.BytesIO(b"a" * (16 << 20)))
+    return buf.getvalue()
+
+
+def _nested(depth):
+    import json as _json
+
+    value = {"r": 8}
+    for _ in range(depth):
+        value = {"x": value}
+    return _json.dumps({**_json.loads(_good()["adapter_config.json"]), "extra": value}).encode()
+
+
+def _misplaced():
+    tensors = {k.replace("self_attn.q_proj", "mlp.q_proj"): v for k, v in lora_tensors().items()}
+    return adapter_files(tensors=tensors)
+
+
+def _scaled(factor, *, f64=False):
+    import torch
+
+    tensors = {k: (v.to(torch.float64) if f64 else v) * factor for k, v in lora_tensors().items()}
+    return adapter_files(tensors=tensors)
+
+
 def _config_without(key):
     import json as _json
 
@@ -170,7 +205,7 @@ def _other_base_layers():
 
 
 REJECTED = {
-    "corrupted safetensors": (dict(files=_corrupted_header), "adapter_model.safetensors", "not JSON"),
+    "corrupted safetensors": (dict(files=_corrupted_header), "adapter_model.safetensors", "not valid JSON"),
     "truncated safetensors": (dict(files=_truncated), "adapter_model.safetensors", "header describes"),
     "unknown dtype": (dict(files=_unknown_dtype), "adapter_model.safetensors", "must be one of"),
     "integer weights": (dict(files=_int_weights), "adapter_model.safetensors", "is I32"),
@@ -182,6 +217,23 @@ REJECTED = {
     "use_qalora": (dict(files=lambda: adapter_files(config=adapter_config(use_qalora=True))), "use_qalora",
                    "QA-LoRA"),
     "tar with too many members": (dict(tarball=lambda: _many_members(70)), "files", "more than 64 members"),
+    "tar with a huge long-name header": (dict(tarball=lambda: _long_header(tarfile.GNUTYPE_LONGNAME)), "files",
+                                         "extended header"),
+    "tar with a huge pax header": (dict(tarball=lambda: _long_header(tarfile.XHDTYPE)), "files", "extended header"),
+    "gzip without its trailer": (dict(tarball=lambda: tar_gz(_good())[:-8]), "files", "not a readable tar.gz"),
+    "config nested too deeply": (dict(files=lambda: {**_good(), "adapter_config.json": b"[" * 5000 + b"]" * 5000}),
+                                 "adapter_config.json", "not valid JSON"),
+    "config nested 20 levels": (dict(files=lambda: {**_good(), "adapter_config.json": _nested(20)}),
+                                "adapter_config.json", "more than 16 levels"),
+    "manifest nested too deeply": (dict(files=lambda: {**_good(), "loraplex.json": b"[" * 100000 + b"]" * 100000}),
+                                   "loraplex.json", "not valid JSON"),
+    "target_modules of objects": (dict(files=lambda: adapter_files(config=adapter_config(targets=[{"a": 1}]),
+                                                                   tensors=lora_tensors())),
+                                  "target_modules", "non-empty list of module names"),
+    "q_proj under mlp": (dict(files=_misplaced), "adapter_model.safetensors", "vLLM would silently drop it"),
+    "weights scaled by 1e37": (dict(files=lambda: _scaled(1e37)), "adapter_model.safetensors", "amplify its input"),
+    "float64 weights beyond float32": (dict(files=lambda: _scaled(1e300, f64=True)), "adapter_model.safetensors",
+                                       "NaN or infinite values (in float32)"),
     "pickle .bin": (dict(files=lambda: {**_good(), "adapter_model.bin": b"\x80\x04K\x01."}), "files", "pickle"),
     "pickle instead of safetensors": (
         dict(files=lambda: {"adapter_config.json": _good()["adapter_config.json"], "adapter_model.pt": b"\x80"}),
