@@ -54,6 +54,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE UNIQUE INDEX adapters_one_active ON adapters(tenant, name) WHERE status = 'active'",
         "CREATE INDEX adapters_digest ON adapters(digest)",
     ),
+    (
+        # The highest version each (tenant, name) ever had, deleted or not: a name deleted and
+        # uploaded again continues its numbering, so no two registrations share a version
+        # (and the engine's cache keys, tenant/name@version, are never reused).
+        """CREATE TABLE adapter_versions (
+            tenant       TEXT NOT NULL,
+            name         TEXT NOT NULL,
+            last_version INTEGER NOT NULL,
+            PRIMARY KEY (tenant, name)
+        )""",
+        "INSERT INTO adapter_versions SELECT tenant, name, MAX(version) FROM adapters GROUP BY tenant, name",
+    ),
 )
 
 

@@ -32,6 +32,10 @@ class NotFound(LoraplexError):
     code = "model_not_found"
 
 
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+
+
 class Conflict(LoraplexError):
     code = "conflict"
 

@@ -28,7 +28,7 @@ from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec
 from server.config import Settings
 from server.engine.types import Completion, Sampling
-from server.errors import EngineNotReady, InvalidArgument, PermissionDenied
+from server.errors import EngineNotReady, InvalidArgument, PermissionDenied, TenantNotFound
 from server.metrics import Metrics
 from server.tenants.auth import Authenticator
 from server.tenants.ratelimit import RateLimiter
@@ -90,6 +90,7 @@ class Service:
         self.started = int(time.time())
         self._snapshot: dict[tuple[str, str], AdapterRecord] = {}
         self._snapshot_gen = -1
+        self._aborts: set[asyncio.Task] = set()  # engine aborts in flight, referenced until done
 
     # ------------------------------------------------------------ auth
 
@@ -104,7 +105,10 @@ class Service:
             return principal.tenant
         if not principal.is_admin:
             raise PermissionDenied("only an admin key may act on another tenant's adapters", field="tenant")
-        self.tenants.get(tenant)  # NotFound for an unknown tenant
+        try:
+            self.tenants.get(tenant)
+        except TenantNotFound as e:
+            raise TenantNotFound(e.message, field="tenant") from None
         return tenant
 
     # ------------------------------------------------------------ models
@@ -191,10 +195,13 @@ class Service:
             status = "cancelled"
             raise
         finally:
-            if not finished:
-                await self._abort(request_id)
+            # Nothing here awaits: a stream whose client left is torn down inside a cancelled
+            # (anyio) scope, where every await raises again, and the adapter would never be
+            # released. The abort goes to a task of its own.
             if entry is not None:
                 self.residency.release(entry)
+            if not finished:
+                self._abort_soon(request_id)
             end = time.perf_counter()
             m.requests(endpoint, status).inc()
             m.e2e.observe(end - t0)
@@ -203,9 +210,14 @@ class Service:
             if first is not None and n_out > 1:
                 m.tpot.observe((end - first) / (n_out - 1))
 
+    def _abort_soon(self, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._abort(request_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
     async def _abort(self, request_id: str) -> None:
         try:
-            await asyncio.shield(self.engine.abort(request_id))
+            await self.engine.abort(request_id)
         except Exception:
             logger.debug("abort of %s failed", request_id, exc_info=True)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from server import failpoints
 from server.db import Database
-from server.errors import Conflict, InvalidArgument, NotFound, QuotaExceeded
+from server.errors import Conflict, InvalidArgument, NotFound, QuotaExceeded, TenantNotFound
 
 if TYPE_CHECKING:
     from server.adapters.upload import AdapterInfo
@@ -80,11 +80,12 @@ class AdapterRegistry:
         self.generation = 0
 
     def add(self, tenant: str, name: str, digest: str, info: AdapterInfo, *, max_adapters: int) -> AdapterRecord:
-        """Register version 1 of a new adapter name for ``tenant``."""
+        """Register a new adapter name for ``tenant``: version 1, or one past the last version a
+        deleted adapter of the same name had."""
         validate_name(name)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is None:
-                raise NotFound(f"tenant {tenant!r} does not exist", field="tenant")
+                raise TenantNotFound(f"tenant {tenant!r} does not exist", field="tenant")
             if _active(conn, tenant, name) is not None:
                 raise Conflict(f"adapter `{name}` already exists; replace it to upload a new version", field="name")
             count = conn.execute("SELECT COUNT(*) FROM adapters WHERE tenant = ? AND status = 'active'",
@@ -92,7 +93,7 @@ class AdapterRegistry:
             if count >= max_adapters:
                 raise QuotaExceeded(f"tenant {tenant!r} already has {count} adapters, its limit is {max_adapters}; "
                                     "delete one first", retry_after=None, field="name")
-            record = _insert(conn, tenant, name, 1, digest, info, pinned=False)
+            record = _insert(conn, tenant, name, _next_version(conn, tenant, name), digest, info, pinned=False)
             failpoints.hit("registry.before_commit")
             return record
 
@@ -104,9 +105,7 @@ class AdapterRegistry:
                 raise not_found(name)
             conn.execute("UPDATE adapters SET status = 'retired' WHERE tenant = ? AND name = ? AND version = ?",
                          (tenant, name, old.version))
-            version = conn.execute("SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?",
-                                   (tenant, name)).fetchone()[0] + 1
-            new = _insert(conn, tenant, name, version, digest, info, pinned=old.pinned)
+            new = _insert(conn, tenant, name, _next_version(conn, tenant, name), digest, info, pinned=old.pinned)
             failpoints.hit("registry.before_commit")
         return new, _replace(old, status=AdapterStatus.RETIRED)
 
@@ -194,6 +193,19 @@ def _active(conn: sqlite3.Connection, tenant: str, name: str) -> AdapterRecord |
     row = conn.execute("SELECT * FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
                        (tenant, name)).fetchone()
     return None if row is None else _record(row)
+
+
+def _next_version(conn: sqlite3.Connection, tenant: str, name: str) -> int:
+    """One more than any version this name ever had, including deleted ones."""
+    row = conn.execute("SELECT last_version FROM adapter_versions WHERE tenant = ? AND name = ?",
+                       (tenant, name)).fetchone()
+    highest = conn.execute("SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?",
+                           (tenant, name)).fetchone()[0]
+    version = max(row[0] if row else 0, highest or 0) + 1
+    conn.execute("INSERT INTO adapter_versions (tenant, name, last_version) VALUES (?, ?, ?) "
+                 "ON CONFLICT (tenant, name) DO UPDATE SET last_version = excluded.last_version",
+                 (tenant, name, version))
+    return version
 
 
 def _insert(conn: sqlite3.Connection, tenant: str, name: str, version: int, digest: str, info: AdapterInfo,

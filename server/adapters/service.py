@@ -166,12 +166,17 @@ class AdapterService:
             raise PermissionDenied("loading adapters from server paths needs an admin key", field="lora_path")
         if not isinstance(path, str) or "\0" in path:
             raise InvalidArgument("lora_path must be a path without NUL bytes", field="lora_path")
-        real = Path(path).resolve()
         roots = [r.resolve() for r in self.settings.lora_roots]
-        if not any(real.is_relative_to(r) for r in roots):
+        try:
+            real = Path(path).resolve()
+            inside = any(real.is_relative_to(r) for r in roots)
+            is_dir = inside and real.is_dir()
+        except OSError as e:  # a name too long, a loop of links ...
+            raise InvalidArgument(f"lora_path is not a usable path ({e.strerror})", field="lora_path") from None
+        if not inside:
             raise PermissionDenied(f"lora_path must be under one of the configured --lora-roots "
                                    f"({', '.join(map(str, roots)) or 'none configured'})", field="lora_path")
-        if not real.is_dir():
+        if not is_dir:
             raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
         self.check_upload(principal, name, tenant, replace=False)
         async with self.staging() as staged:

@@ -9,6 +9,7 @@ service renders chat templates and counts tokens once, before the engine.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -191,9 +192,10 @@ class VllmEngine:
         out = []
         for token_id, entries in zip(c.token_ids, c.logprobs):
             chosen = entries.get(token_id)
-            top = {(e.decoded_token or tok.decode([tid])): e.logprob for tid, e in entries.items()
+            top = {(e.decoded_token or tok.decode([tid])): _finite(e.logprob) for tid, e in entries.items()
                    if e.rank is not None and e.rank <= max(sampling.logprobs, 1)}
-            out.append(TokenLogprob(token=tok.decode([token_id]), logprob=chosen.logprob if chosen else 0.0, top=top))
+            out.append(TokenLogprob(token=tok.decode([token_id]), logprob=_finite(chosen.logprob) if chosen else 0.0,
+                                    top=top))
         return out
 
     async def abort(self, request_id: str) -> None:
@@ -235,6 +237,11 @@ class VllmEngine:
 
     async def list_loras(self) -> set[int]:
         return set(await self._llm.list_loras())
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no inf or NaN: -inf (an impossible token) is OpenAI's -9999.0, and so is NaN."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def _utility_message(e: Exception) -> str:

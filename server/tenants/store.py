@@ -17,7 +17,7 @@ from enum import StrEnum
 
 from server.adapters.compat import VLLM_RANKS
 from server.db import Database
-from server.errors import Conflict, InvalidArgument, NotFound
+from server.errors import Conflict, InvalidArgument, TenantNotFound
 
 KEY_PREFIX = "lpx_"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -110,7 +110,7 @@ class TenantStore:
     def get(self, name: str) -> TenantInfo:
         row = self._db.query_one("SELECT * FROM tenants WHERE name = ?", (name,))
         if row is None:
-            raise NotFound(f"tenant {name!r} does not exist", field="name")
+            raise TenantNotFound(f"tenant {name!r} does not exist", field="name")
         return _info(row)
 
     def list(self) -> list[TenantInfo]:
@@ -132,7 +132,7 @@ class TenantStore:
     def _update(self, name: str, sql: str, params: tuple) -> None:
         with self._db.transaction() as conn:
             if conn.execute(sql, (*params, name)).rowcount == 0:
-                raise NotFound(f"tenant {name!r} does not exist", field="name")
+                raise TenantNotFound(f"tenant {name!r} does not exist", field="name")
             self.generation += 1
 
 
