@@ -103,7 +103,10 @@ def _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, *extra: str, name:
 def cluster(tiny_base, adapter_dirs, tmp_path_factory):
     """The session's server: HTTP and gRPC on one engine; the adapters' directory is a --lora-roots."""
     roots = {str(d.parent) for d in adapter_dirs.values()}
+    # Every adapter the suite sends traffic to keeps its own metric labels (the default keeps the
+    # first 20; the suite uses more, and test_server_metrics asserts on one that comes late).
     c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
+                       "--metrics-top-adapters", "10000",
                        *[a for r in sorted(roots) for a in ("--lora-roots", r)], name="main", grpc=True)
     yield c
     c.server.stop()

@@ -122,6 +122,57 @@ def test_delete_under_a_running_request_keeps_the_blob_until_it_drains(safe, tmp
     assert digest not in blobs(safe), "drained, released and past its (zero) grace period: reclaimed"
 
 
+def test_a_name_deleted_and_uploaded_again_serves_the_new_weights_at_once(safe):
+    """Versions are never reused: a request still running on the deleted adapter keeps its own
+    engine entry, and the re-upload (version 2) is served with its own weights from the start."""
+    with safe.http("alice") as h:
+        assert safe.upload("alice", "again", "a1").status_code == 201
+        want_a1, want_a3 = served(safe, "alice", "tiny:again"), None
+        stream = safe.client("alice").completions.create(model="tiny:again", prompt="hello", max_tokens=200,
+                                                        stream=True, extra_body={"ignore_eos": True})
+        chunks = iter(stream)
+        next(chunks)
+        assert h.delete("/v1/adapters/again").status_code == 200
+        r = safe.upload("alice", "again", "a3")
+        assert r.status_code == 201 and r.json()["version"] == 2 and r.json()["residency"] != "draining"
+        assert safe.upload("alice", "ref-a3", "a3").status_code == 201
+        want_a3 = served(safe, "alice", "tiny:ref-a3")
+        assert served(safe, "alice", "tiny:again") == want_a3 != want_a1
+        list(chunks)
+
+
+def test_clients_that_drop_their_streams_release_their_adapters(safe):
+    """Two streams on the two adapters the host tier holds, dropped after their first chunk: the
+    requests are aborted and the adapters released, so a third adapter still gets in."""
+    with safe.http("alice") as h:
+        for name, adapter in (("drop-1", "a1"), ("drop-2", "a2"), ("drop-3", "a4")):
+            assert safe.upload("alice", name, adapter).status_code == 201
+    cancelled = metric(safe, 'loraplex_requests_total{protocol="http",tenant="alice"')
+    for name in ("drop-1", "drop-2"):
+        with safe.http("alice") as h:
+            with h.stream("POST", "/v1/completions", json={"model": f"tiny:{name}", "prompt": "hello",
+                                                           "max_tokens": 240, "stream": True,
+                                                           "ignore_eos": True}) as r:
+                next(r.iter_bytes())
+            # leaving the block closes the connection with the stream unread
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        text = httpx.get(f"{safe.url}/metrics").text
+        dropped = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("loraplex_requests_total{") and 'status="cancelled"' in line)
+        if dropped >= 2 and metric(safe, "vllm_num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    assert dropped >= 2, "the dropped streams were never cancelled"
+    assert metric(safe, "vllm_num_requests_running") == 0, "vLLM is still generating for clients that left"
+    with safe.http("alice") as h:
+        t0 = time.time()
+        r = h.post("/v1/completions", json={"model": "tiny:drop-3", "prompt": "hello", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+        assert time.time() - t0 < 10  # admitted at once, not after waiting for room
+    _ = cancelled
+
+
 def test_many_replaces_leave_one_version_on_disk(safe):
     n = 200
     before = blobs(safe)

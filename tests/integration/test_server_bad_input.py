@@ -196,3 +196,43 @@ def test_duplicate_name_is_409_and_keeps_the_original(cluster, alice):
     r = cluster.upload("alice", "dup", "a2")
     assert err(r, 409, "name")["code"] == "conflict"
     assert alice.get("/v1/adapters/dup").json() == before
+
+
+def _multipart(cluster, name: str, *, close: bool = True) -> tuple[bytes, str]:
+    boundary = "loraplexboundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'.encode()]
+    for f in sorted(cluster.adapters["a1"].iterdir()):
+        if f.is_file():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{f.name}"\r\n'
+                         "Content-Type: application/octet-stream\r\n\r\n".encode() + f.read_bytes() + b"\r\n")
+    if close:
+        parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def test_a_multipart_body_without_its_closing_boundary_is_refused(cluster, alice, refused):
+    body, ctype = _multipart(cluster, "truncated", close=False)
+    refused(alice.post("/v1/adapters", content=body, headers={"content-type": ctype}), "files")
+    body, ctype = _multipart(cluster, "whole")
+    r = alice.post("/v1/adapters", content=body, headers={"content-type": ctype})
+    assert r.status_code == 201, r.text  # the same body, closed, is a good upload
+    assert alice.delete("/v1/adapters/whole").status_code == 200
+
+
+def test_an_upload_cut_off_by_its_client_leaves_nothing(cluster, alice):
+    """The client sends half the body and hangs up: the staging directory goes, and the server
+    logs it as what it is, not as an unhandled error."""
+    import socket
+
+    before = blobs(cluster)
+    body, ctype = _multipart(cluster, "gone")
+    mark = cluster.server.log_size()
+    with socket.create_connection(("127.0.0.1", cluster.server.port)) as s:
+        head = (f"POST /v1/adapters HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {cluster.keys['alice']}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        s.sendall(head + body[: len(body) // 2])
+    cluster.server.wait_for_log("client went away during POST /v1/adapters", since=mark, timeout=30)
+    assert blobs(cluster) == before
+    log = cluster.server.log_path.read_bytes()[mark:].decode(errors="replace")
+    assert "unhandled error" not in log and "Traceback" not in log
+    assert "gone" not in {a["id"] for a in alice.get("/v1/adapters").json()["data"]}

@@ -43,12 +43,16 @@ class _Form:
         self._headers: dict[bytes, bytes] = {}
         self._kind: tuple[str, str | None] | None = None  # (form field, file name or None)
         self._text = bytearray()
+        self.ended = False
 
     def callbacks(self) -> dict:
         return {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
                 "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
                 "on_headers_finished": self._headers_finished, "on_part_data": self._data,
-                "on_part_end": self._part_end}
+                "on_part_end": self._part_end, "on_end": self._end}
+
+    def _end(self) -> None:
+        self.ended = True
 
     def _part_begin(self) -> None:
         self.parts += 1
@@ -121,8 +125,13 @@ async def receive(request: Request, staged: StagedUpload, *,
     form = _Form(staged, before_files)
     parser = MultipartParser(boundary, form.callbacks())
     pending = bytearray()
+    received, cap = 0, staged.max_bytes + (1 << 20)  # the form's own bytes (headers, boundaries) on top
     try:
         async for chunk in request.stream():
+            received += len(chunk)
+            if received > cap:
+                raise PayloadTooLarge(f"the request body is larger than {cap} bytes; uploads are at most "
+                                      f"{staged.max_bytes} bytes (--max-upload-bytes)", field="files")
             pending += chunk
             if len(pending) >= _BATCH:
                 await asyncio.to_thread(parser.write, bytes(pending))
@@ -131,4 +140,6 @@ async def receive(request: Request, staged: StagedUpload, *,
         parser.finalize()
     except MultipartParseError as e:
         raise InvalidArgument(f"malformed multipart body: {e}", field="files") from None
+    if not form.ended:
+        raise InvalidArgument("the multipart body ends before its closing boundary (truncated?)", field="files")
     return form.fields

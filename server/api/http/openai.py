@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from server.api.http import deps
 from server.api.http.errors import body, error_response, status_of
@@ -18,6 +22,7 @@ from server.errors import LoraplexError
 from server.service import Generation, Service, Usage
 from server.tenants.store import Principal
 
+logger = logging.getLogger(__name__)
 router = APIRouter()
 
 
@@ -70,51 +75,60 @@ class _Run:
             obj["usage"] = _usage(usage) if usage else None
         return obj
 
+    def _delta_choice(self, d: Completion, offsets: list[int], started: set[int]) -> dict:
+        if self.chat:
+            delta = {"content": d.text}
+            if d.index not in started:
+                started.add(d.index)
+                delta = {"role": "assistant", **delta}
+            choice = {"index": d.index, "delta": delta, "logprobs": _chat_logprobs(d), "finish_reason": d.finish_reason}
+        else:
+            choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d, offsets[d.index]),
+                      "finish_reason": d.finish_reason}
+            offsets[d.index] += len(d.text)
+        if self.token_ids:
+            choice["token_ids"] = d.token_ids
+        return choice
+
     async def sse(self) -> AsyncIterator[str]:
         offsets = [0] * self.gen.sampling.n
-        started = set()
+        started: set[int] = set()
         try:
-            async for d in self._stream():
-                self.usage.completion_tokens += len(d.token_ids)
-                if self.chat:
-                    delta = {"content": d.text}
-                    if d.index not in started:
-                        started.add(d.index)
-                        delta = {"role": "assistant", **delta}
-                    choice = {"index": d.index, "delta": delta, "logprobs": _chat_logprobs(d),
-                              "finish_reason": d.finish_reason}
-                else:
-                    choice = {"index": d.index, "text": d.text, "logprobs": _completion_logprobs(d, offsets[d.index]),
-                              "finish_reason": d.finish_reason}
-                    offsets[d.index] += len(d.text)
-                if self.token_ids:
-                    choice["token_ids"] = d.token_ids
-                yield _sse(self._chunk([choice]))
+            # aclosing: when the client goes away the response closes this generator, and this
+            # closes the service's, whose finally aborts the vLLM request and releases the adapter.
+            async with contextlib.aclosing(self._stream()) as deltas:
+                async for d in deltas:
+                    self.usage.completion_tokens += len(d.token_ids)
+                    yield _sse(self._chunk([self._delta_choice(d, offsets, started)]))
             if self.include_usage:
                 yield _sse(self._chunk([], self.usage))
         except LoraplexError as exc:  # after the 200 went out: report in-band, as OpenAI does
             yield _sse(body(exc.message, exc.type, exc.field, exc.code) | {"status": status_of(exc)})
         yield _sse("[DONE]")
 
+    def _collect(self, d: Completion, texts: list[str], finish: list, lps: list, ids: list[list[int]]) -> None:
+        self.usage.completion_tokens += len(d.token_ids)
+        ids[d.index] += d.token_ids
+        if d.logprobs is not None:
+            if self.chat:
+                lps[d.index] = lps[d.index] or {"content": []}
+                lps[d.index]["content"] += _chat_logprobs(d)["content"]
+            else:
+                part = _completion_logprobs(d, len(texts[d.index]))
+                if lps[d.index] is None:
+                    lps[d.index] = part
+                else:
+                    for k in part:
+                        lps[d.index][k] += part[k]
+        texts[d.index] += d.text
+        finish[d.index] = d.finish_reason or finish[d.index]
+
     async def collect(self) -> dict:
         n = self.gen.sampling.n
         texts, finish, lps, ids = [""] * n, [None] * n, [None] * n, [[] for _ in range(n)]
-        async for d in self._stream():
-            self.usage.completion_tokens += len(d.token_ids)
-            ids[d.index] += d.token_ids
-            if d.logprobs is not None:
-                if self.chat:
-                    lps[d.index] = lps[d.index] or {"content": []}
-                    lps[d.index]["content"] += _chat_logprobs(d)["content"]
-                else:
-                    part = _completion_logprobs(d, len(texts[d.index]))
-                    if lps[d.index] is None:
-                        lps[d.index] = part
-                    else:
-                        for k in part:
-                            lps[d.index][k] += part[k]
-            texts[d.index] += d.text
-            finish[d.index] = d.finish_reason or finish[d.index]
+        async with contextlib.aclosing(self._stream()) as deltas:
+            async for d in deltas:
+                self._collect(d, texts, finish, lps, ids)
         if self.chat:
             choices = [{"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lps[i],
                         "finish_reason": finish[i]} for i in range(n)]
@@ -128,10 +142,26 @@ class _Run:
                 "created": self.created, "model": self.gen.model, "choices": choices, "usage": _usage(self.usage)}
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """Starlette stops iterating a stream whose client went away (a failed send raises
+    ``ClientDisconnect``) without closing it, so the generator's ``finally`` -- which aborts the
+    vLLM request and releases the adapter -- would wait for garbage collection, indefinitely
+    while anything refers to it. This closes it at once."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except ClientDisconnect:
+            logger.debug("client went away during a stream")
+        finally:
+            with anyio.CancelScope(shield=True):  # cleanup must run even in a cancelled scope
+                await self.body_iterator.aclose()
+
+
 async def _respond(run: _Run, stream: bool):
     if stream:
-        return StreamingResponse(run.sse(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _ClosingStreamingResponse(run.sse(), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         return JSONResponse(await run.collect())
     except LoraplexError as exc:
