@@ -26,7 +26,9 @@ serving a request.
   references is never evicted, and a retired version (after a hot replace or
   delete) leaves the engine only once its last in-flight request finishes.
 - When every admitted adapter is busy, a cold one waits for one to go idle (up
-  to ``admission_timeout_s``), as vLLM's own queue would hold it.
+  to ``admission_timeout_s``), as vLLM's own queue would hold it. The lock is
+  never held while waiting, so one tenant's cold adapters do not queue
+  another's behind them.
 - :meth:`adopt` takes in an adapter an upload has already loaded into the
   engine to validate it, so its first request finds it there. vLLM pins each
   cached adapter's host memory; a tier that is still filling pays a fresh
@@ -148,17 +150,7 @@ class ResidencyManager:
         room. Raises :class:`AdapterLoadFailed` if vLLM cannot load it."""
         entry = self._entries.get(key)
         if entry is None:
-            async with self._lock:  # admissions and evictions in arrival order
-                entry = self._entries.get(key)
-                if entry is None:
-                    self.events.miss(key)
-                    await self._make_room(size_bytes, wait=wait)
-                    entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
-                    entry.load = asyncio.get_running_loop().create_future()
-                    self._entries[key] = entry
-                    self._in_background(self._load(entry))
-                else:
-                    self.events.hit(key)
+            entry = await self._admit(key, path, size_bytes, digest=digest, pinned=pinned, wait=wait)
         else:
             self.events.hit(key)  # the hot path: no lock, no await
         entry.refs += 1
@@ -172,6 +164,44 @@ class ResidencyManager:
                 self.release(entry)
                 raise
         return entry
+
+    async def _admit(self, key: str, path: str, size_bytes: int, *, digest: str | None, pinned: bool,
+                     wait: bool) -> Entry:
+        """A cold adapter: evict idle ones to make room and start its load, or wait for room.
+
+        The lock covers each decision, never a wait: while one tenant's cold adapter waits for
+        a busy one to finish, another's admission (or a hit) goes ahead."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.admission_timeout_s
+        counted = False
+        while True:
+            async with self._lock:
+                if (entry := self._entries.get(key)) is not None:  # admitted while this one waited
+                    self.events.hit(key)
+                    return entry
+                if not counted:
+                    self.events.miss(key)
+                    counted = True
+                self._freed.clear()  # before the check: a release after it wakes this waiter
+                self._evict_for(size_bytes)
+                if not self._over(size_bytes):
+                    entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
+                    entry.load = loop.create_future()
+                    self._entries[key] = entry
+                    self._in_background(self._load(entry))
+                    return entry
+                if (not wait or self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
+                        or loop.time() >= deadline):
+                    raise AdapterCacheFull(
+                        f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
+                        "loaded adapter is pinned or serving requests; retry shortly or raise "
+                        "--adapter-cache-bytes / --max-cpu-loras", retry_after=1.0)
+            # Every admitted adapter is serving: wait for one to finish, as vLLM's scheduler
+            # would hold the request, rather than fail it at once. Not under the lock.
+            try:
+                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
+            except TimeoutError:
+                pass
 
     async def _load(self, entry: Entry) -> None:
         t0 = time.perf_counter()
@@ -240,29 +270,6 @@ class ResidencyManager:
             self.events.evicted(victim.key)
             self._in_background(self._remove(victim))
 
-    async def _make_room(self, size_bytes: int, *, wait: bool = True) -> None:
-        """Evict LRU idle, unpinned adapters until one of size_bytes fits. Caller holds the lock,
-        so cold admissions queue behind this one in arrival order; warm hits never take the lock."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.admission_timeout_s
-        while True:
-            self._evict_for(size_bytes)
-            if not self._over(size_bytes):
-                return
-            if (not wait or self.budget_bytes < size_bytes or self._all_pinned(size_bytes)
-                    or loop.time() >= deadline):
-                raise AdapterCacheFull(
-                    f"adapter cache is full ({len(self._entries)} adapters, {self.used_bytes} bytes): every "
-                    "loaded adapter is pinned or serving requests; retry shortly or raise "
-                    "--adapter-cache-bytes / --max-cpu-loras")
-            # Every admitted adapter is serving: wait for one to finish, as vLLM's
-            # scheduler would hold the request, rather than fail it at once.
-            self._freed.clear()
-            try:
-                await asyncio.wait_for(self._freed.wait(), deadline - loop.time())
-            except TimeoutError:
-                pass
-
     def _all_pinned(self, size_bytes: int) -> bool:
         """Pins alone leave no room: waiting cannot help."""
         pinned = [e for e in self._entries.values() if e.pinned]
@@ -272,8 +279,8 @@ class ResidencyManager:
     async def _unload(self, entry: Entry) -> None:
         if self._entries.get(entry.key) is entry:
             del self._entries[entry.key]
+        self._freed.set()  # its room is free now: wake the admissions waiting for room
         await self._remove(entry)
-        self._freed.set()
 
     async def _remove(self, entry: Entry) -> None:
         try:

@@ -140,3 +140,60 @@ def test_adopt_takes_in_an_adapter_already_loaded():
         r.release(entry)
 
     asyncio.run(main())
+
+
+def test_a_waiting_admission_holds_no_lock_over_other_tenants():
+    """Tenant X's big cold adapter waits for room; tenant Y's small one fits now and is admitted at
+    once instead of queueing behind X's wait."""
+    async def main():
+        r = ResidencyManager(Engine(), budget_bytes=10, max_entries=4, admission_timeout_s=5)
+        a = await r.acquire("x/a@1", "/a", 6)  # busy
+        waiting = asyncio.create_task(r.acquire("x/c@1", "/c", 6))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        d = await asyncio.wait_for(r.acquire("y/d@1", "/d", 2), 0.5)
+        assert d.state is Residency.LOADED and not waiting.done()
+        r.release(d)
+        r.release(a)
+        c = await asyncio.wait_for(waiting, 1)
+        assert r.get("x/a@1") is None and c.state is Residency.LOADED
+        r.release(c)
+
+    asyncio.run(main())
+
+
+def test_retiring_a_busy_adapter_admits_the_waiter_when_its_last_request_ends():
+    async def main():
+        engine = Engine()
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=1, admission_timeout_s=5)
+        a = await r.acquire("t/a@1", "/a", 1)
+        waiting = asyncio.create_task(r.acquire("t/b@1", "/b", 1))
+        await asyncio.sleep(0.05)
+        await r.retire("t/a@1")
+        assert r.get("t/a@1").state is Residency.DRAINING and not waiting.done()
+        r.release(a)
+        b = await asyncio.wait_for(waiting, 0.5)
+        assert r.get("t/a@1") is None and engine.removed == [a.lora_id]
+        r.release(b)
+
+    asyncio.run(main())
+
+
+def test_retiring_an_idle_adapter_wakes_a_waiter_at_once():
+    """A pinned, idle adapter fills the cache; a cold one waits (the pin could be lifted). Retiring
+    the pinned one frees its room: the waiter goes in without waiting for its timeout."""
+    async def main():
+        r = ResidencyManager(Engine(), budget_bytes=10, max_entries=2, admission_timeout_s=5)
+        a = await r.acquire("t/a@1", "/a", 6, pinned=True)
+        r.release(a)
+        busy = await r.acquire("t/busy@1", "/busy", 3)
+        waiting = asyncio.create_task(r.acquire("t/b@1", "/b", 4))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        await r.retire("t/a@1")
+        b = await asyncio.wait_for(waiting, 0.5)
+        assert r.get("t/a@1") is None and b.state is Residency.LOADED
+        r.release(b)
+        r.release(busy)
+
+    asyncio.run(main())
