@@ -74,6 +74,26 @@ class IncompatibleAdapter(ValueError):
         super().__init__("; ".join(str(v) for v in self.violations))
 
 
+MAX_PATTERN_CHARS = 512
+
+
+def tenant_pattern(text: str):
+    """A tenant-supplied regular expression, compiled by RE2: matching takes time linear in the
+    input and memory is capped, whatever the pattern. Raises ValueError for one RE2 cannot take
+    (backreferences, lookaround) or one too long or too large."""
+    import re2
+
+    if len(text) > MAX_PATTERN_CHARS:
+        raise ValueError(f"is a pattern of {len(text)} characters; at most {MAX_PATTERN_CHARS} are accepted")
+    options = re2.Options()
+    options.log_errors, options.max_mem = False, 1 << 20
+    try:
+        return re2.compile(text, options)
+    except re2.error as e:
+        why = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise ValueError(f"is not a regular expression loraplex can match in bounded time (RE2: {why})") from None
+
+
 def rank_violation(r: Any, *, field: str = "r", max_rank: int | None = None) -> Violation | None:
     allowed = [x for x in VLLM_RANKS if max_rank is None or x <= max_rank]
     if isinstance(r, bool) or not isinstance(r, int) or r not in allowed:
@@ -90,12 +110,12 @@ def target_violations(targets: Any, architecture: str, *, field: str = "target_m
     if targets == "all-linear":
         return []
     if isinstance(targets, str):
-        # PEFT treats a string as a regex over full module names; resolve it the same way. It is
-        # only ever matched against these few short names, so even a pathological pattern is cheap.
+        # PEFT treats a string as a regex over full module names; resolve it the same way, in
+        # RE2 (linear time, bounded memory): a tenant's pattern never runs in a backtracking engine.
         try:
-            pattern = re.compile(targets)
-        except (re.error, RecursionError, OverflowError) as e:
-            return [Violation(field, f"is not a valid regular expression ({e}); got {targets!r}")]
+            pattern = tenant_pattern(targets)
+        except ValueError as e:
+            return [Violation(field, f"{e}; got {targets[:100]!r}")]
         names = [m for m in supported if pattern.fullmatch(m) or pattern.search(m)]
         if not names:
             return [Violation(field, f"regex {targets!r} matches none of {', '.join(sorted(supported))}")]
@@ -137,6 +157,9 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,200}")
+
+
 def _pattern_violations(config: Mapping[str, Any], key: str, default: Any, what: str) -> list[Violation]:
     """``rank_pattern`` / ``alpha_pattern``: per-module overrides. vLLM 0.32 applies them; vLLM 0.25
     ignores them and serves every module with ``r`` and ``lora_alpha`` -- a different forward pass.
@@ -148,7 +171,12 @@ def _pattern_violations(config: Mapping[str, Any], key: str, default: Any, what:
         return [Violation(key, f"must be an object of module pattern -> {what}; got {type(pattern).__name__}")]
     out = []
     for name, value in pattern.items():
-        if not _number(value):
+        if not _PLAIN_KEY.fullmatch(name):
+            # vLLM matches each key as a regex (re.match) inside the engine process: only plain
+            # module names, which cannot backtrack, may get that far.
+            out.append(Violation(f"{key}[{name[:100]}]", "must be a plain module name (letters, digits, '_', '.', "
+                                 "'-'), not a regular expression"))
+        elif not _number(value):
             out.append(Violation(f"{key}[{name}]", f"must be a number; got {value!r}"))
         elif value != default:
             out.append(Violation(f"{key}[{name}]", f"{what} {value!r} differs from the adapter's {default!r}; "

@@ -45,6 +45,12 @@ def test_plain_lora_passes():
     ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
     ({"trainable_token_indices": [5]}, "trainable_token_indices"),
     ({"init_lora_weights": 3}, "init_lora_weights"),
+    # Tenant patterns: RE2 or nothing; pattern keys vLLM would run as regexes must be plain names.
+    ({"target_modules": r"(q)_proj\1"}, "target_modules"),  # a backreference: no bounded-time match
+    ({"target_modules": "(?=q)q_proj"}, "target_modules"),  # lookahead
+    ({"target_modules": "q_proj|" * 200}, "target_modules"),  # too long
+    ({"rank_pattern": {"(.*.*)*x": 16}}, "rank_pattern[(.*.*)*x]"),
+    ({"alpha_pattern": {"q_proj$|(a+)+": 32}}, "alpha_pattern[q_proj$|(a+)+]"),
 ])
 def test_each_rule_names_its_field(change, field):
     assert fields({**GOOD, **change}) == [field]
@@ -84,3 +90,13 @@ def test_fields_vllm_requires_must_be_there(key):
 def test_options_that_change_nothing_pass():
     assert fields({**GOOD, "rank_pattern": {"q_proj": 16}, "alpha_pattern": {"v_proj": 32}, "use_rslora": True,
                    "use_qalora": False, "layer_replication": None, "init_lora_weights": "gaussian"}) == []
+
+
+def test_patterns_with_nested_quantifiers_resolve_in_re2():
+    """(x*)*-style patterns backtrack exponentially in Python's re; RE2 takes them in linear time,
+    and what they match is what PEFT would target."""
+    from server.adapters.compat import tenant_pattern
+
+    assert fields({**GOOD, "target_modules": "(.*_*)*(q|v)_proj(.*.*.*.*.*.*)*$"}) == []
+    assert type(tenant_pattern("(a+)+$")).__module__.startswith("re2")
+    assert fields({**GOOD, "target_modules": "(.*_*)*(x|y)_proj"}) == ["target_modules"]  # matches nothing
