@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -271,7 +272,11 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
     losses: list[float] = []
     ckpt = out_dir / CHECKPOINT
     if args.resume:
-        state = torch.load(ckpt / "state.pt", weights_only=False)
+        try:  # tensors and plain data only: a checkpoint never runs pickled code
+            state = torch.load(ckpt / "state.pt", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise FitError(f"--resume: {ckpt / 'state.pt'} holds more than tensors and plain data, so it is not "
+                           f"loaded ({str(e).splitlines()[0]})") from None
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 

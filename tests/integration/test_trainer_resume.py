@@ -37,3 +37,26 @@ def test_ctrl_c_then_resume(tiny_base, tiny_data, tmp_path):
     assert steps == list(range(1, result.manifest["metrics"]["steps"] + 1)), "resume continues, no step repeated"
     assert not (out / "t" / "checkpoint").exists()
     assert (out / "t" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_never_runs_code_from_a_checkpoint(tiny_base, tiny_data, tmp_path):
+    """A state.pt that runs code when unpickled (a checkpoint someone else wrote) is refused, and
+    its code never runs."""
+    import pickle
+
+    import pytest
+
+    from trainer.fit import FitError
+
+    out, marker = tmp_path / "runs", tmp_path / "pwned"
+    ckpt = out / "t" / "checkpoint"
+    ckpt.mkdir(parents=True)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "state.pt").write_bytes(pickle.dumps({"step": Payload()}))
+    with pytest.raises(FitError, match="more than tensors"):
+        run(FitArgs(base=str(tiny_base), data=tiny_data, r=8, out=out, name="t", resume=True), progress=False)
+    assert not marker.exists()
