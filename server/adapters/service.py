@@ -60,6 +60,7 @@ class AdapterService:
         self._store_lock = asyncio.Lock()  # put + register, and gc: a blob is never live-but-unregistered
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
+        self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
         residency.on_drained = self._drained
 
     # ------------------------------------------------------------ upload
@@ -88,11 +89,14 @@ class AdapterService:
                   replace: bool = False, refusal_field: str = "files") -> AdapterRecord:
         """Validate, have vLLM load, store and register a staged upload; on any failure nothing is kept."""
         ns = self.check_upload(principal, name, tenant, replace=replace)
-        max_rank = min(self.settings.max_lora_rank, self._quotas(principal, ns).max_rank)
+        quota_rank = self._quotas(principal, ns).max_rank
         # File work (unpack, hash, parse, scan the tensors) runs in a worker thread: an upload
         # of hundreds of MB must not stall the streams being served.
         digest = await asyncio.to_thread(staged.finish)
-        info = await asyncio.to_thread(validate, staged.dir, self.base_spec, max_rank=max_rank)
+        info = await asyncio.to_thread(validate, staged.dir, self.base_spec, max_rank=self.settings.max_lora_rank)
+        if info.rank > quota_rank:
+            raise QuotaExceeded(f"the adapter's rank is {info.rank}; tenant {ns!r}'s quota allows rank {quota_rank} at "
+                                "most", field="r")
         async with self._validate_lock:
             t0 = time.perf_counter()
             lora_id = await self._validate_in_engine(staged.dir, refusal_field)
@@ -104,13 +108,14 @@ class AdapterService:
                     failpoints.hit("upload.blob_stored")
                     try:
                         if replace:
-                            new, old = self.registry.replace(ns, name, digest, info)
+                            new, old = await asyncio.to_thread(self.registry.replace, ns, name, digest, info)
                         else:
-                            new, old = self.registry.add(ns, name, digest, info,
-                                                         max_adapters=self._quotas(principal, ns).max_adapters), None
+                            new, old = await asyncio.to_thread(
+                                self.registry.add, ns, name, digest, info,
+                                max_adapters=self._quotas(principal, ns).max_adapters), None
                     except BaseException:
                         if not existed and digest not in self._live():
-                            self.store.delete(digest)
+                            await asyncio.to_thread(self.store.delete, digest)
                         raise
                 failpoints.hit("upload.committed")
             except BaseException:
@@ -203,7 +208,7 @@ class AdapterService:
     # ------------------------------------------------------------ delete, pin
 
     async def delete(self, principal: Principal, name: str, tenant: str | None = None) -> list[AdapterRecord]:
-        removed = self.registry.delete(self.namespace(principal, tenant), name)
+        removed = await asyncio.to_thread(self.registry.delete, self.namespace(principal, tenant), name)
         for rec in removed:
             self._retiring.pop(rec.key, None)
             self.store.release(rec.digest)
@@ -213,12 +218,12 @@ class AdapterService:
 
     async def set_pinned(self, principal: Principal, name: str, pinned: bool, tenant: str | None = None) -> AdapterRecord:
         ns = self.namespace(principal, tenant)
-        self.registry.set_pinned(ns, name, pinned)
         rec = self.registry.get(ns, name)
-        if pinned:  # pinning keeps it warm: load now
+        if pinned:  # pinning keeps it warm: load it first, and pin only once it is in
             await self.warm(rec, wait=True)
+        await asyncio.to_thread(self.registry.set_pinned, ns, name, pinned)
         self.residency.set_pinned(rec.key, pinned)
-        return rec
+        return self.registry.get(ns, name)
 
     async def warm(self, rec: AdapterRecord, *, wait: bool = False) -> None:
         """Load a registered adapter into the engine's host tier now. If that needs room, the
@@ -233,8 +238,7 @@ class AdapterService:
     async def _retire(self, old: AdapterRecord) -> None:
         """A replaced version: out of service now, its row and blob reclaimed once it drains."""
         if self.residency.get(old.key) is None:
-            self._forget(old)
-            await self.gc()
+            await self._reclaim(old)
             return
         self._retiring[old.key] = old
         await self.residency.retire(old.key)
@@ -242,8 +246,18 @@ class AdapterService:
     def _drained(self, key: str) -> None:
         """Residency's hook: a version left the engine (idle eviction or drained retirement)."""
         if (old := self._retiring.pop(key, None)) is not None:
-            self._forget(old)
-            asyncio.get_running_loop().create_task(self.gc())
+            task = asyncio.get_running_loop().create_task(self._reclaim(old))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def settled(self) -> None:
+        """Until the reclaims in flight (row, then blob) are done."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _reclaim(self, old: AdapterRecord) -> None:
+        await asyncio.to_thread(self._forget, old)
+        await self.gc()
 
     def engine_lost(self) -> None:
         """The engine died: nothing is loaded any more and every request on it failed, so the

@@ -253,9 +253,11 @@ def _copy(src: BinaryIO, path: Path) -> str:
 
 
 def copy_dir(src: Path, staged: StagedUpload, *, chunk: int = 1 << 20) -> None:
-    """Feed a server-side adapter directory through the same rules as an upload."""
+    """Feed a server-side adapter directory through the same rules as an upload, chunk by chunk.
+    Only the adapter's own files are read: a training directory's checkpoints, optimizer state
+    and logs beside them are left alone, unopened."""
     for f in sorted(src.iterdir()):
-        if not f.is_file():
+        if f.name not in ALLOWED or not f.is_file():
             continue
         with f.open("rb") as fh:
             staged.write_file(f.name, b"")

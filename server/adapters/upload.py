@@ -12,8 +12,7 @@
    (``add_lora``, which returns vLLM's refusal to the caller instead of
    failing inside an engine step), and only then stores and registers it.
 
-:func:`unpack` and :func:`ingest` run steps 1-2 (and the store's put) on
-in-memory files, for tests and tools. All of it is blocking file work: call it
+:func:`unpack` runs step 1 on in-memory files, for tests and tools. All of it is blocking file work: call it
 from a worker thread.
 """
 
@@ -29,7 +28,6 @@ from typing import Any
 
 from server.adapters.compat import LINEAR_PARENTS, IncompatibleAdapter, check_adapter_config, ensure_same_base
 from server.adapters.staging import CONFIG, MANIFEST, MAX_UPLOAD_BYTES, WEIGHTS, StagedUpload
-from server.adapters.store import AdapterStore
 from server.errors import AdapterRejected
 
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
@@ -76,23 +74,6 @@ class AdapterInfo:
     base_fingerprint: str | None = None
     """The base the adapter records it was trained on (loraplex.json), if it says."""
     has_manifest: bool = False
-
-
-@dataclass(frozen=True)
-class StoredAdapter:
-    digest: str
-    path: Path
-    info: AdapterInfo
-
-
-def ingest(store: AdapterStore, base: BaseSpec, *, files: list[UploadFile] | None = None,
-           tarball: bytes | None = None, max_rank: int, max_bytes: int = MAX_UPLOAD_BYTES) -> StoredAdapter:
-    """unpack -> validate -> put. On any error the staging directory is gone and the store unchanged."""
-    with store.staging_dir() as staging:
-        digest = unpack(files, tarball, staging, max_bytes=max_bytes)
-        info = validate(staging, base, max_rank=max_rank)
-        digest, path = store.put(staging, digest=digest)
-    return StoredAdapter(digest, path, info)
 
 
 # --- 1. unpack (in-memory uploads: tests and tools) --------------------------------------------

@@ -105,3 +105,24 @@ def test_a_validation_load_that_does_not_fit_leaves_the_engine(tmp_path):
     assert service.adapters.residency_of(first) == "loaded"
     assert service.adapters.residency_of(second) == "registered"
     assert list(engine.loaded) == [service.residency.get(first.key).lora_id]
+
+
+def test_a_pin_that_cannot_load_leaves_the_adapter_unpinned(tmp_path):
+    """Pinning loads the adapter first; when vLLM refuses that load (its blob went bad, say), the
+    pin is refused with it and nothing is left pinned."""
+    from server.errors import AdapterLoadFailed
+
+    engine = Engine()
+    service, admin, src = make(tmp_path, engine, max_cpu_loras=1, max_loras=1)
+
+    async def main():
+        await service.adapters.load_from_path(admin, "first", src)
+        await service.adapters.upload(admin, "second", files=uploads(adapter_files(config=None)))  # evicts first
+        assert service.adapters.residency_of(service.adapters.get_adapter(admin, "first")) == "registered"
+        engine.refuse = True
+        with pytest.raises(AdapterLoadFailed):
+            await service.adapters.set_pinned(admin, "first", True)
+
+    asyncio.run(main())
+    rec = service.adapters.get_adapter(admin, "first")
+    assert rec.pinned is False and service.residency.get(rec.key) is None

@@ -8,7 +8,7 @@ import pytest
 
 from server.adapters.registry import AdapterRegistry, validate_name
 from server.adapters.store import AdapterStore
-from server.adapters.upload import MANIFEST, UploadFile, ingest, unpack, validate
+from server.adapters.upload import MANIFEST, UploadFile, unpack, validate
 from server.db import Database
 from server.errors import AdapterRejected, InvalidArgument, PayloadTooLarge
 from server.tenants import Quotas, TenantStore
@@ -30,8 +30,11 @@ class Server:
 
     def upload(self, name="support-bot", *, files=None, tarball=None, quotas=Quotas()):
         validate_name(name)
-        stored = ingest(self.store, BASE, files=files, tarball=tarball, max_rank=quotas.max_rank)
-        return self.registry.add("acme", name, stored.digest, stored.info, max_adapters=quotas.max_adapters)
+        with self.store.staging_dir() as staging:  # unpack -> validate -> put, as AdapterService.add does
+            digest = unpack(files, tarball, staging)
+            info = validate(staging, BASE, max_rank=quotas.max_rank)
+            self.store.put(staging, digest=digest)
+        return self.registry.add("acme", name, digest, info, max_adapters=quotas.max_adapters)
 
     def assert_nothing_kept(self):
         assert list((self.store.root / ".staging").iterdir()) == []
