@@ -2,6 +2,7 @@
 
     python -m server [--base DIR] [--port 8000] [--max-loras 4] ...   # serve (flags: --help)
     python -m server tenants create NAME [--admin] [--max-adapters N] [--max-rank R] [--rpm N]
+                                         [--max-concurrency N] [--max-inflight-tokens N]
     python -m server tenants list
     python -m server tenants revoke NAME
 
@@ -36,6 +37,10 @@ def create(name: str,
            max_adapters: Annotated[int, typer.Option(help="Most adapters this tenant may register.")] = 100,
            max_rank: Annotated[int, typer.Option(help="Highest adapter rank this tenant may upload.")] = 64,
            rpm: Annotated[int, typer.Option(help="Requests per minute before 429.")] = 600,
+           max_concurrency: Annotated[int, typer.Option(
+               help="Inference requests in flight at once before 429.")] = 64,
+           max_inflight_tokens: Annotated[int, typer.Option(
+               help="Tokens (max_tokens x n) the tenant's running requests may hold before 429.")] = 262144,
            data_dir: DataDir = None) -> None:
     """Create a tenant and print its API key. The key is shown once; only its hash is stored."""
     from server.errors import LoraplexError
@@ -44,7 +49,8 @@ def create(name: str,
     try:
         key = TenantStore(_db(data_dir)).create(
             name, Role.ADMIN if admin else Role.TENANT,
-            Quotas(max_adapters=max_adapters, max_rank=max_rank, requests_per_minute=rpm))
+            Quotas(max_adapters=max_adapters, max_rank=max_rank, requests_per_minute=rpm,
+                   max_concurrent_requests=max_concurrency, max_inflight_tokens=max_inflight_tokens))
     except (LoraplexError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -59,7 +65,8 @@ def list_(data_dir: DataDir = None) -> None:
     for t in TenantStore(_db(data_dir)).list():
         state = "revoked" if t.revoked else "active"
         typer.echo(f"{t.name:24} {t.role.value:7} {state:8} key {t.key_prefix}...  max_adapters={t.quotas.max_adapters} "
-                   f"max_rank={t.quotas.max_rank} rpm={t.quotas.requests_per_minute}")
+                   f"max_rank={t.quotas.max_rank} rpm={t.quotas.requests_per_minute} "
+                   f"concurrency={t.quotas.max_concurrent_requests} inflight_tokens={t.quotas.max_inflight_tokens}")
 
 
 @tenants_app.command("revoke")

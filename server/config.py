@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     """How long a request for a cold adapter waits for room while every loaded adapter is busy (503 after)."""
     max_upload_bytes: int = Field(2 << 30, ge=1 << 10)
     """Largest adapter upload (all files, or the archive and what it unpacks to); larger is a 413."""
+    max_request_bytes: int = Field(8 << 20, ge=1 << 10)
+    """Largest JSON request body (completions, chat, management calls); larger is a 413. Read
+    whole, after the key is checked, before the route runs."""
+    max_prompt_chars: int | None = Field(None, ge=1)
+    """Longest prompt (or sum of chat message contents) in characters, refused before it is tokenized;
+    default 64 x --max-model-len."""
+    body_timeout_s: float = Field(10.0, gt=0.0)
+    """A request body that stalls this long between chunks (or a JSON body not complete after this
+    long) is a 408, so a client that claims a large body and sends a little holds nothing."""
+    shutdown_grace_s: float = Field(30.0, ge=0.0)
+    """On SIGTERM: how long requests in flight may run on (new ones get 503) before they are ended
+    with a final error; HTTP and gRPC drain together."""
     adapter_gc_grace_s: float = Field(60.0, ge=0.0)
     """How long a deleted or replaced adapter's files stay on disk after it is released, for requests
     that resolved it just before; then they are reclaimed."""
@@ -65,6 +77,19 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     grpc_port: int | None = Field(None, ge=0, le=65535)
     """gRPC port (0: pick a free one); unset: no gRPC server."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """A separate listener that serves only /metrics, without a key, for Prometheus on a private
+    network. On the API port /metrics needs an admin key (its labels name tenants and adapters)."""
+    metrics_host: str | None = None
+    """Address of the metrics listener; default: --host."""
+    ssl_certfile: Path | None = None
+    """PEM certificate (chain) for HTTPS on --port (and the metrics listener); with --ssl-keyfile."""
+    ssl_keyfile: Path | None = None
+    """PEM private key for --ssl-certfile."""
+    grpc_ssl_certfile: Path | None = None
+    """PEM certificate for TLS on --grpc-port; default: --ssl-certfile."""
+    grpc_ssl_keyfile: Path | None = None
+    """PEM private key for --grpc-ssl-certfile; default: --ssl-keyfile."""
     data_dir: Path = Field(default_factory=_default_data_dir)
     """Registry (SQLite) and the content-addressed adapter store live here."""
     lora_roots: list[Path] = Field(default_factory=list)
@@ -82,6 +107,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
+        for cert, key in (("ssl_certfile", "ssl_keyfile"), ("grpc_ssl_certfile", "grpc_ssl_keyfile")):
+            if (getattr(self, cert) is None) != (getattr(self, key) is None):
+                raise ValueError(f"--{cert.replace('_', '-')} and --{key.replace('_', '-')} go together")
+            for name in (cert, key):
+                if (path := getattr(self, name)) is not None and not path.is_file():
+                    raise ValueError(f"--{name.replace('_', '-')} {path} is not a readable file")
+        if self.grpc_ssl_certfile is None:
+            self.grpc_ssl_certfile, self.grpc_ssl_keyfile = self.ssl_certfile, self.ssl_keyfile
         if self.max_cpu_loras is None:
             self.max_cpu_loras = max(64, self.max_loras)
         if self.max_cpu_loras < self.max_loras:

@@ -66,6 +66,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "INSERT INTO adapter_versions SELECT tenant, name, MAX(version) FROM adapters GROUP BY tenant, name",
     ),
+    (
+        # Per-tenant limits on what runs at once (server/tenants/ratelimit.py: InFlightLimiter).
+        "ALTER TABLE tenants ADD COLUMN max_concurrent_requests INTEGER NOT NULL DEFAULT 64",
+        "ALTER TABLE tenants ADD COLUMN max_inflight_tokens INTEGER NOT NULL DEFAULT 262144",
+    ),
 )
 
 

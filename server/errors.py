@@ -5,19 +5,29 @@ from __future__ import annotations
 
 
 class LoraplexError(Exception):
-    """Base of every error a client can cause. ``field`` names the request field at fault."""
+    """Base of every error a client can cause. ``field`` names the request field at fault;
+    ``retry_after`` (seconds) is set where waiting helps, and becomes ``Retry-After``."""
 
     type: str = "invalid_request_error"
     code: str = "bad_request"
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, field: str | None = None):
+    def __init__(self, message: str, *, field: str | None = None, retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class InvalidArgument(LoraplexError):
     code = "invalid_argument"
+
+
+class UnsupportedParameter(InvalidArgument):
+    """A request parameter loraplex does not honour: refused rather than silently ignored."""
+
+    code = "unsupported_parameter"
 
 
 class AdapterRejected(InvalidArgument):
@@ -56,18 +66,29 @@ class RateLimited(LoraplexError):
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float | None = None, field: str | None = None):
-        super().__init__(message, field=field)
-        self.retry_after = retry_after
-
 
 class QuotaExceeded(RateLimited):
     code = "quota_exceeded"
 
 
+class ConcurrencyExceeded(RateLimited):
+    """The tenant already has its limit of requests, or of tokens, in flight."""
+
+    code = "concurrency_limit_exceeded"
+    retry_after = 1.0
+
+
 class EngineNotReady(LoraplexError):
     type = "server_error"
     code = "engine_not_ready"
+    retry_after = 5.0
+
+
+class ShuttingDown(EngineNotReady):
+    """The server is draining (SIGTERM): new requests go elsewhere, and one still running past
+    ``--shutdown-grace-s`` ends with this error."""
+
+    code = "server_shutting_down"
 
 
 class AdapterLoadFailed(LoraplexError):
@@ -79,6 +100,12 @@ class AdapterLoadFailed(LoraplexError):
 
 
 class PayloadTooLarge(LoraplexError):
-    """A request body or upload over its cap (HTTP 413)."""
+    """A request body or upload over its cap."""
 
     code = "payload_too_large"
+
+
+class RequestTimeout(LoraplexError):
+    """The client stopped sending its request body."""
+
+    code = "request_timeout"

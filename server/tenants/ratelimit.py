@@ -1,4 +1,4 @@
-"""Per-tenant request rate limits: one token bucket per tenant.
+"""Per-tenant limits: a request rate (a token bucket), and what may be in flight at once.
 
 A bucket holds up to ``requests_per_minute`` tokens and refills at
 ``requests_per_minute / 60`` per second; each request takes one. So a tenant
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server.errors import RateLimited
+from server.errors import ConcurrencyExceeded, QuotaExceeded, RateLimited
 from server.tenants.store import Principal
 
 
@@ -58,3 +58,58 @@ class RateLimiter:
         """Drop a tenant's bucket (after revoking it, say); its next request starts full."""
         with self._lock:
             self._buckets.pop(tenant, None)
+
+
+class Lease:
+    """One admitted request's share of its tenant's in-flight limits; :meth:`release` is idempotent."""
+
+    __slots__ = ("_limiter", "_tenant", "tokens")
+
+    def __init__(self, limiter: InFlightLimiter | None, tenant: str, tokens: int):
+        self._limiter, self._tenant, self.tokens = limiter, tenant, tokens
+
+    def release(self) -> None:
+        if self._limiter is not None:
+            self._limiter._release(self._tenant, self.tokens)
+            self._limiter = None
+
+
+class InFlightLimiter:
+    """Per-tenant limits on what runs at once: requests, and tokens they may still generate
+    (``max_tokens`` x ``n``, counted when admitted). A tenant at either limit gets a 429 with
+    ``Retry-After`` instead of queueing in the shared engine ahead of everyone else. Admins are
+    not limited. Touched only from the event loop."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, int] = {}
+        self._tokens: dict[str, int] = {}
+
+    def admit(self, principal: Principal, tokens: int) -> Lease:
+        if principal.is_admin:
+            return Lease(None, principal.tenant, 0)
+        q, tenant = principal.quotas, principal.tenant
+        running, held = self._requests.get(tenant, 0), self._tokens.get(tenant, 0)
+        if running >= q.max_concurrent_requests:
+            raise ConcurrencyExceeded(f"tenant {tenant!r} already has {running} requests in flight, its limit is "
+                                      f"{q.max_concurrent_requests}; retry when one finishes")
+        if tokens > q.max_inflight_tokens:
+            raise QuotaExceeded(f"this request may generate {tokens} tokens (max_tokens x n), more than tenant "
+                                f"{tenant!r}'s limit of {q.max_inflight_tokens} tokens in flight; lower max_tokens "
+                                "or n", field="max_tokens")
+        if held + tokens > q.max_inflight_tokens:
+            raise ConcurrencyExceeded(f"tenant {tenant!r} has {held} tokens in flight (max_tokens x n of its running "
+                                      f"requests); this one's {tokens} would pass its limit of "
+                                      f"{q.max_inflight_tokens}; retry when one finishes", field="max_tokens")
+        self._requests[tenant] = running + 1
+        self._tokens[tenant] = held + tokens
+        return Lease(self, tenant, tokens)
+
+    def in_flight(self, tenant: str) -> tuple[int, int]:
+        """(requests, tokens) the tenant has in flight."""
+        return self._requests.get(tenant, 0), self._tokens.get(tenant, 0)
+
+    def _release(self, tenant: str, tokens: int) -> None:
+        self._requests[tenant] -= 1
+        self._tokens[tenant] -= tokens
+        if not self._requests[tenant]:
+            del self._requests[tenant], self._tokens[tenant]

@@ -38,15 +38,23 @@ class Quotas:
     """Highest LoRA rank the tenant may upload (one of vLLM's ranks)."""
     requests_per_minute: int = 600
     """Sustained inference request rate; a full minute's worth may come as one burst."""
+    max_concurrent_requests: int = 64
+    """Inference requests in flight at once; more get 429 with Retry-After."""
+    max_inflight_tokens: int = 262144
+    """Tokens the tenant's running requests may still generate (max_tokens x n each); more get 429."""
 
     def __post_init__(self) -> None:
-        for name in ("max_adapters", "max_rank", "requests_per_minute"):
+        for name in FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InvalidArgument(f"`{name}` must be a positive integer; got {value!r}", field=name)
         if self.max_rank not in VLLM_RANKS:
             raise InvalidArgument(f"`max_rank` must be one of {', '.join(map(str, VLLM_RANKS))} "
                                   f"(vLLM accepts no other ranks); got {self.max_rank}", field="max_rank")
+
+
+FIELDS = ("max_adapters", "max_rank", "requests_per_minute", "max_concurrent_requests", "max_inflight_tokens")
+"""Quotas' fields, which are also the tenants table's quota columns."""
 
 
 @dataclass(frozen=True)
@@ -100,10 +108,9 @@ class TenantStore:
             if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"tenant {name!r} already exists", field="name")
             conn.execute(
-                "INSERT INTO tenants (name, role, key_hash, key_prefix, max_adapters, max_rank, requests_per_minute,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, role.value, hash_key(key), key[:8], quotas.max_adapters, quotas.max_rank,
-                 quotas.requests_per_minute, time.time()))
+                f"INSERT INTO tenants (name, role, key_hash, key_prefix, created_at, {', '.join(FIELDS)}) "
+                f"VALUES (?, ?, ?, ?, ?{', ?' * len(FIELDS)})",
+                (name, role.value, hash_key(key), key[:8], time.time(), *(getattr(quotas, f) for f in FIELDS)))
             self.generation += 1  # under the database lock, so concurrent writers can't lose a bump
         return key
 
@@ -121,8 +128,8 @@ class TenantStore:
         self._update(name, "UPDATE tenants SET revoked_at = COALESCE(revoked_at, ?) WHERE name = ?", (time.time(),))
 
     def set_quotas(self, name: str, quotas: Quotas) -> None:
-        self._update(name, "UPDATE tenants SET max_adapters = ?, max_rank = ?, requests_per_minute = ? WHERE name = ?",
-                     (quotas.max_adapters, quotas.max_rank, quotas.requests_per_minute))
+        self._update(name, f"UPDATE tenants SET {', '.join(f'{f} = ?' for f in FIELDS)} WHERE name = ?",
+                     tuple(getattr(quotas, f) for f in FIELDS))
 
     def principal_for(self, key_hash: str) -> Principal | None:
         """The live (not revoked) tenant holding the key with this hash, or None."""
@@ -137,7 +144,7 @@ class TenantStore:
 
 
 def _quotas(row) -> Quotas:
-    return Quotas(row["max_adapters"], row["max_rank"], row["requests_per_minute"])
+    return Quotas(**{f: row[f] for f in FIELDS})
 
 
 def _info(row) -> TenantInfo:

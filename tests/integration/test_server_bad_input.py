@@ -236,3 +236,105 @@ def test_an_upload_cut_off_by_its_client_leaves_nothing(cluster, alice):
     log = cluster.server.log_path.read_bytes()[mark:].decode(errors="replace")
     assert "unhandled error" not in log and "Traceback" not in log
     assert "gone" not in {a["id"] for a in alice.get("/v1/adapters").json()["data"]}
+
+
+# ---------------------------------------------------------------- bounded input, before any work
+
+
+def _raw(cluster, head: str, body: bytes = b"", *, wait: float = 15.0) -> tuple[int, dict, bytes, float]:
+    """Send a request by hand (a lying Content-Length, a stalled body); (status, headers, body, seconds)."""
+    import socket
+    import time
+
+    t0 = time.time()
+    with socket.create_connection(("127.0.0.1", cluster.server.port), timeout=wait) as s:
+        s.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    elapsed = time.time() - t0
+    head_part, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_part.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, rest, elapsed
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+def _post(path: str, length: int, key: str | None, ctype: str = "application/json") -> str:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {length}\r\n\r\n"
+
+
+def test_no_key_is_refused_before_the_body_is_read(cluster):
+    """2 GiB claimed, nothing sent: the 401 comes at once, for JSON routes and uploads alike."""
+    for path, ctype in (("/v1/chat/completions", "application/json"),
+                        ("/v1/adapters", "multipart/form-data; boundary=x")):
+        status, headers, body, seconds = _raw(cluster, _post(path, 2 << 30, None, ctype))
+        assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert seconds < 5
+
+
+def test_a_body_over_the_cap_is_a_413_at_once(cluster):
+    status, _, body, seconds = _raw(cluster, _post("/v1/completions", 2 << 30, cluster.keys["alice"]))
+    e = json.loads(body)["error"]
+    assert status == 413 and e["code"] == "payload_too_large" and "--max-request-bytes" in e["message"]
+    assert seconds < 5
+
+
+def test_a_json_body_without_a_length_is_cut_at_the_cap(alice):
+    def chunks():
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(10):
+            yield b"x" * (1 << 20)
+    e = err(alice.post("/v1/completions", content=chunks()), 413, "body")
+    assert e["code"] == "payload_too_large"
+
+
+def test_a_claimed_2gib_upload_that_sends_1mib_is_answered_within_seconds(cluster):
+    """Under --max-upload-bytes, so not refused by its length: the pause after 1 MiB is a 408."""
+    head = _post("/v1/adapters", 2 << 30, cluster.keys["alice"], "multipart/form-data; boundary=b")
+    part = b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nstalled\r\n' \
+           b'--b\r\nContent-Disposition: form-data; name="files"; filename="adapter_model.safetensors"\r\n\r\n'
+    before = blobs(cluster)
+    status, _, body, seconds = _raw(cluster, head, part + b"\0" * (1 << 20))
+    assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    assert seconds < 10
+    assert blobs(cluster) == before and list((cluster.server.data_dir / "adapters" / ".staging").iterdir()) == []
+
+
+def test_a_slow_drip_json_body_is_a_408(cluster):
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+    status, _, resp, seconds = _raw(cluster, _post("/v1/completions", len(body), cluster.keys["alice"]), body[:10])
+    assert status == 408 and json.loads(resp)["error"]["param"] == "body"
+    assert seconds < 10
+
+
+def test_a_prompt_over_the_character_cap_is_refused_before_tokenizing(alice, cluster):
+    e = err(alice.post("/v1/completions", json={"model": "tiny", "prompt": "word " * 200_000}), 400, "prompt")
+    assert "--max-prompt-chars" in e["message"]
+    e = err(alice.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "w" * 10**6}]}),
+            400, "messages")
+    assert "characters" in e["message"]
+
+
+@pytest.mark.parametrize("ids", [[1, 2, 10**9], [5, -1], [3, 2**31]])
+def test_token_ids_outside_the_vocabulary_are_a_400(alice, ids):
+    e = err(alice.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 2}), 400, "prompt")
+    assert "vocabulary" in e["message"]
+    assert alice.post("/v1/completions", json={"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2}).status_code == 200
+
+
+def test_a_lora_path_with_a_nul_byte_is_a_400(cluster):
+    with cluster.http("admin") as admin:
+        e = err(admin.post("/v1/load_lora_adapter", json={"lora_name": "nul", "lora_path": "/tmp/a\u0000b"}), 400,
+                "lora_path")
+        assert "NUL" in e["message"]

@@ -1,6 +1,13 @@
-"""Quotas and rate limits: 429 with Retry-After, nothing registered past a quota."""
+"""Quotas and rate limits: 429 with Retry-After, nothing registered past a quota; limits on what a
+tenant has in flight, answered with a real status before a stream starts."""
 
 from __future__ import annotations
+
+import threading
+
+import httpx
+
+from tests.integration.server_proc import create_tenant
 
 
 def test_rate_limit_gives_429_with_retry_after(cluster):
@@ -22,4 +29,66 @@ def test_adapter_count_and_rank_quotas(cluster):
         assert [a["id"] for a in dave.get("/v1/adapters").json()["data"]] == ["first"]
         dave.delete("/v1/adapters/first")
     r = cluster.upload("dave", "big", "a4")  # r=16 > dave's max rank 8
-    assert r.status_code == 400 and r.json()["error"]["param"] == "r"
+    e = r.json()["error"]
+    assert r.status_code == 429 and e["code"] == "quota_exceeded" and e["param"] == "r"
+    assert "dave" in e["message"] and "quota" in e["message"] and "--max-lora-rank" not in e["message"]
+    with cluster.http("dave") as dave:
+        assert dave.get("/v1/adapters").json()["data"] == []
+
+
+def _long_stream(cluster, key: str, started: threading.Event, done: threading.Event) -> None:
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as h:
+        with h.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            chunks = r.iter_lines()
+            next(chunks)
+            started.set()
+            done.wait(60)
+
+
+def test_a_tenant_at_its_concurrency_limit_gets_a_real_429_even_when_streaming(cluster):
+    key = create_tenant(cluster.server.data_dir, "erin", "--max-concurrency", "1")
+    started, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=_long_stream, args=(cluster, key, started, done))
+    t.start()
+    try:
+        assert started.wait(60)
+        client = cluster.client("alice").with_options(api_key=key)
+        with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+            with h.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 4,
+                                                           "stream": True}) as r:
+                assert r.status_code == 429 and r.headers["content-type"].startswith("application/json")
+                assert int(r.headers["retry-after"]) >= 1
+                r.read()
+                assert r.json()["error"]["code"] == "concurrency_limit_exceeded"
+        # Other tenants are not held back by erin's limit.
+        assert cluster.client("bob").completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    finally:
+        done.set()
+        t.join()
+    # The slot is given back when the stream ends.
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+
+
+def test_tokens_in_flight_are_limited_per_tenant(cluster):
+    key = create_tenant(cluster.server.data_dir, "frank", "--max-inflight-tokens", "240")
+    with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 200, "n": 2,
+                                            "temperature": 1.0})
+        e = r.json()["error"]
+        assert r.status_code == 429 and e["code"] == "quota_exceeded" and e["param"] == "max_tokens"
+        assert "retry-after" not in r.headers  # 400 tokens never fit: waiting does not help
+    started, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=_long_stream, args=(cluster, key, started, done))  # holds 200 tokens
+    t.start()
+    try:
+        assert started.wait(60)
+        with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 100})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit_exceeded"
+            assert int(r.headers["retry-after"]) >= 1
+            assert h.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 40}).status_code == 200
+    finally:
+        done.set()
+        t.join()

@@ -35,6 +35,7 @@ def test_transaction_rolls_back_on_error(tmp_path):
     db = Database(tmp_path / "r.sqlite3")
     with pytest.raises(KeyError):
         with db.transaction() as conn:
-            conn.execute("INSERT INTO tenants VALUES ('a', 'tenant', 'h', 'lpx_abcd', 1, 8, 1, 0, NULL)")
+            conn.execute("INSERT INTO tenants (name, role, key_hash, key_prefix, max_adapters, max_rank, requests_per_minute, "
+                         "created_at) VALUES ('a', 'tenant', 'h', 'lpx_abcd', 1, 8, 1, 0)")
             raise KeyError("boom")
     assert db.query("SELECT * FROM tenants") == []

@@ -33,6 +33,7 @@ CODES: dict[type[e.LoraplexError], grpc.StatusCode] = {
     e.RateLimited: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.QuotaExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    e.RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     e.EngineNotReady: grpc.StatusCode.UNAVAILABLE,
     AdapterCacheFull: grpc.StatusCode.UNAVAILABLE,
     e.AdapterLoadFailed: grpc.StatusCode.INTERNAL,
@@ -54,7 +55,7 @@ def trailers_of(exc: e.LoraplexError) -> tuple[tuple[str, str], ...]:
     out = [("loraplex-code", exc.code)]
     if exc.field:
         out.append(("loraplex-field", exc.field))
-    if isinstance(exc, e.RateLimited) and exc.retry_after is not None:
+    if exc.retry_after is not None:
         out.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
     return tuple(out)
 

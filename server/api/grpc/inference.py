@@ -27,13 +27,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request: ipb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         principal = self.service.authenticate(protocol.authorization(context))
-        gen = self.service.prepare(principal, request.model, protocol.prompt_ids(self.service, request),
-                                   protocol.sampling(request), prompt_field="prompt")
+        gen = self.service.prepare(principal, request.model, await protocol.prompt_ids(self.service, request),
+                                   protocol.sampling(request), prompt_field="prompt",
+                                   client_ids=bool(request.prompt_token_ids))
         await self._stream(principal, gen, "generate", context)
 
     async def Chat(self, request: ipb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         principal = self.service.authenticate(protocol.authorization(context))
-        ids = self.service.render_chat(protocol.messages(request))
+        ids = await self.service.render_chat(protocol.messages(request))
         gen = self.service.prepare(principal, request.model, ids, protocol.sampling(request),
                                    prompt_field="messages")
         await self._stream(principal, gen, "chat", context)
@@ -48,11 +49,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """Write each delta as it comes; usage rides on the message that finishes the last choice."""
         usage, finished = Usage(prompt_tokens=len(gen.prompt_ids)), 0
-        deltas = self.service.generate(principal, gen, protocol="grpc", endpoint=endpoint)
-        async with aclosing(deltas):
-            async for d in deltas:
-                usage.completion_tokens += len(d.token_ids)
-                finished += d.finish_reason is not None
-                await context.write(protocol.delta(d, usage if finished == gen.sampling.n else None))
+        admission = await self.service.admit(principal, gen, protocol="grpc", endpoint=endpoint)
+        try:
+            deltas = self.service.generate(principal, gen, admission, protocol="grpc", endpoint=endpoint)
+            async with aclosing(deltas):
+                async for d in deltas:
+                    usage.completion_tokens += len(d.token_ids)
+                    finished += d.finish_reason is not None
+                    await context.write(protocol.delta(d, usage if finished == gen.sampling.n else None))
+        finally:
+            admission.release()  # a handler cancelled before its first delta never ran the stream's own
         if finished < gen.sampling.n:  # the engine ended a choice without a reason: still report usage
             await context.write(ipb.GenerateResponse(usage=protocol.usage(usage)))

@@ -64,10 +64,12 @@ def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
                     logprobs=logprobs, ignore_eos=req.ignore_eos)
 
 
-def prompt_ids(service: Service, req: ipb.GenerateRequest) -> list[int]:
+async def prompt_ids(service: Service, req: ipb.GenerateRequest) -> list[int]:
     if req.prompt and req.prompt_token_ids:
         raise InvalidArgument("send prompt or prompt_token_ids, not both", field="prompt")
-    return list(req.prompt_token_ids) if req.prompt_token_ids else service.encode(req.prompt)
+    if req.prompt_token_ids:
+        return list(req.prompt_token_ids)
+    return await service.encode(req.prompt)
 
 
 def messages(req: ipb.ChatRequest) -> list[dict]:

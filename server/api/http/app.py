@@ -1,10 +1,11 @@
-"""The FastAPI app: thin routers over one Service held in app.state."""
+"""The FastAPI app: thin routers over one Service held in app.state, behind the request guard."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from server.api.http import adapters, errors, models, openai
+from server.api.http.guard import RequestGuard
 from server.service import Service
 
 
@@ -14,4 +15,5 @@ def create_app(service: Service, *, lifespan=None) -> FastAPI:
     errors.install(app)
     for r in (openai.router, models.router, adapters.router):
         app.include_router(r)
+    app.add_middleware(RequestGuard, service=service)  # the key and a bounded body, before any route
     return app

@@ -27,6 +27,7 @@ STATUS: dict[type[e.LoraplexError], int] = {
     e.RateLimited: 429,
     e.QuotaExceeded: 429,
     e.PayloadTooLarge: 413,
+    e.RequestTimeout: 408,
     e.EngineNotReady: 503,
     AdapterCacheFull: 503,
     e.AdapterLoadFailed: 500,
@@ -46,7 +47,7 @@ def body(message: str, type_: str, param: str | None, code: str | None) -> dict:
 
 def error_response(exc: e.LoraplexError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, e.RateLimited) and exc.retry_after is not None:
+    if exc.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     if isinstance(exc, e.Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"

@@ -21,7 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.adapters.staging import StagedUpload
-from server.errors import InvalidArgument, PayloadTooLarge
+from server.errors import InvalidArgument
 
 TEXT_FIELDS = ("name", "tenant")
 FILE_FIELDS = ("files", "archive")
@@ -118,20 +118,13 @@ async def receive(request: Request, staged: StagedUpload, *,
     if ctype != b"multipart/form-data" or not boundary:
         raise InvalidArgument("an adapter upload is multipart/form-data (fields name, files or archive)",
                               field="files")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > staged.max_bytes + (1 << 20):
-        raise PayloadTooLarge(f"the request body is {declared} bytes; uploads are at most {staged.max_bytes} "
-                              "bytes (--max-upload-bytes)", field="files")
     form = _Form(staged, before_files)
     parser = MultipartParser(boundary, form.callbacks())
     pending = bytearray()
-    received, cap = 0, staged.max_bytes + (1 << 20)  # the form's own bytes (headers, boundaries) on top
     try:
+        # The guard (server/api/http/guard.py) bounds the body and its pauses; the staged
+        # upload bounds the files' bytes.
         async for chunk in request.stream():
-            received += len(chunk)
-            if received > cap:
-                raise PayloadTooLarge(f"the request body is larger than {cap} bytes; uploads are at most "
-                                      f"{staged.max_bytes} bytes (--max-upload-bytes)", field="files")
             pending += chunk
             if len(pending) >= _BATCH:
                 await asyncio.to_thread(parser.write, bytes(pending))

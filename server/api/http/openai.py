@@ -19,7 +19,7 @@ from server.api.http.errors import body, error_response, status_of
 from server.api.http.protocol import ChatCompletionRequest, CompletionRequest
 from server.engine.types import Completion
 from server.errors import LoraplexError
-from server.service import Generation, Service, Usage
+from server.service import Admission, Generation, Service, Usage
 from server.tenants.store import Principal
 
 logger = logging.getLogger(__name__)
@@ -64,9 +64,19 @@ class _Run:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.usage = Usage(prompt_tokens=len(gen.prompt_ids))
+        self.admission: Admission | None = None
+
+    async def admit(self) -> None:
+        """Before any response byte: a request that cannot run gets its own status, even a stream."""
+        self.admission = await self.service.admit(self.principal, self.gen, protocol="http", endpoint=self.endpoint)
+
+    def release(self) -> None:
+        if self.admission is not None:
+            self.admission.release()
 
     def _stream(self) -> AsyncIterator[Completion]:
-        return self.service.generate(self.principal, self.gen, protocol="http", endpoint=self.endpoint)
+        return self.service.generate(self.principal, self.gen, self.admission, protocol="http",
+                                     endpoint=self.endpoint)
 
     def _chunk(self, choices: list[dict], usage: Usage | None = None) -> dict:
         obj = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -146,7 +156,12 @@ class _ClosingStreamingResponse(StreamingResponse):
     """Starlette stops iterating a stream whose client went away (a failed send raises
     ``ClientDisconnect``) without closing it, so the generator's ``finally`` -- which aborts the
     vLLM request and releases the adapter -- would wait for garbage collection, indefinitely
-    while anything refers to it. This closes it at once."""
+    while anything refers to it. This closes it at once, and releases the admission even if the
+    stream never started."""
+
+    def __init__(self, content, *, on_close, **kw):
+        super().__init__(content, **kw)
+        self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -156,23 +171,28 @@ class _ClosingStreamingResponse(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):  # cleanup must run even in a cancelled scope
                 await self.body_iterator.aclose()
+            self._on_close()
 
 
 async def _respond(run: _Run, stream: bool):
+    await run.admit()
     if stream:
-        return _ClosingStreamingResponse(run.sse(), media_type="text/event-stream",
+        return _ClosingStreamingResponse(run.sse(), on_close=run.release, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         return JSONResponse(await run.collect())
     except LoraplexError as exc:
         return error_response(exc)
+    finally:
+        run.release()
 
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, principal: Principal = Depends(deps.principal),
                       service: Service = Depends(deps.service)):
-    ids = list(req.prompt) if isinstance(req.prompt, list) else service.encode(req.prompt)
-    gen = service.prepare(principal, req.model, ids, req.sampling(req.logprobs), prompt_field="prompt")
+    ids = list(req.prompt) if isinstance(req.prompt, list) else await service.encode(req.prompt)
+    gen = service.prepare(principal, req.model, ids, req.sampling(req.logprobs), prompt_field="prompt",
+                          client_ids=isinstance(req.prompt, list))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(_Run(service, principal, gen, endpoint="completions", chat=False,
                                include_usage=include_usage, token_ids=req.return_token_ids), req.stream)
@@ -181,7 +201,7 @@ async def completions(req: CompletionRequest, principal: Principal = Depends(dep
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, principal: Principal = Depends(deps.principal),
                            service: Service = Depends(deps.service)):
-    ids = service.render_chat([m.model_dump() for m in req.messages])
+    ids = await service.render_chat([m.model_dump() for m in req.messages])
     gen = service.prepare(principal, req.model, ids, req.sampling(), prompt_field="messages")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return await _respond(_Run(service, principal, gen, endpoint="chat", chat=True,
