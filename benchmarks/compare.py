@@ -212,11 +212,14 @@ def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: 
     key = subprocess.run([sys.executable, "-m", "server", "tenants", "create", "bench", "--admin",
                           "--data-dir", str(data), "--rpm", "100000000", "--max-adapters", "100000"],
                          check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip().splitlines()[-1]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    port, metrics_port = free_port(), free_port()
+    url, metrics_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
     mem = None
     t0 = time.perf_counter()
+    # /metrics without a key comes from --metrics-port (the API port's needs an admin key), as
+    # raw vLLM's does from its own port.
     p = Proc([sys.executable, "-m", "server", "--base", str(base), "--served-name", "base", "--port", str(port),
+              "--metrics-port", str(metrics_port),
               "--data-dir", str(data), "--adapter-cache-bytes", str(a.adapter_cache_bytes),
               "--lora-roots", str(adapters[0].parent), *engine_args(a, vllm_names=False)],
              logs / f"loraplex-{max(counts)}.log", f"{url}/ready")
@@ -225,11 +228,12 @@ def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: 
         reg = register(url, key, [*cold, *adapters])
         print(f"   started in {started:.0f} s; registered {len(cold) + len(adapters)} adapters in {reg:.1f} s",
               flush=True)
-        mem = GpuMemory(url)
-        rows = phases(a, "loraplex", url, key, counts, [d.name for d in adapters], lambda x: f"base:{x}", url)
+        mem = GpuMemory(metrics_url)
+        rows = phases(a, "loraplex", url, key, counts, [d.name for d in adapters], lambda x: f"base:{x}",
+                      metrics_url)
         extra = {"startup_s": started, "register_s": reg} | mem.stop()
         extra |= cold_probe(url + "/v1", key, a, [f"base:{d.name}" for d in cold], f"base:{adapters[0].name}", "base")
-        extra["adapter_load_p50_server_s"] = histogram_p50(url, "loraplex_adapter_load_duration_seconds")
+        extra["adapter_load_p50_server_s"] = histogram_p50(metrics_url, "loraplex_adapter_load_duration_seconds")
         return [r | extra for r in rows]
     finally:
         if mem:

@@ -36,6 +36,8 @@ class Cluster:
                  grpc_port: int | None = None):
         self.server, self.keys, self.adapters, self.base = server, keys, adapters, base
         self.grpc_port = grpc_port
+        self.metrics_port: int | None = None
+        """The --metrics-port listener, where the server has one."""
 
     @property
     def url(self) -> str:
@@ -60,6 +62,13 @@ class Cluster:
 
     def grpc_auth(self, tenant: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.keys[tenant]}"),)
+
+    def metrics(self) -> str:
+        """/metrics as an operator scrapes it on the API port: with an admin key."""
+        import httpx
+
+        return httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {self.keys['admin']}"},
+                         timeout=10).text
 
     def upload(self, tenant: str, name: str, adapter: str, *, method: str = "POST"):
         d = self.adapters[adapter]
@@ -105,9 +114,13 @@ def cluster(tiny_base, adapter_dirs, tmp_path_factory):
     roots = {str(d.parent) for d in adapter_dirs.values()}
     # Every adapter the suite sends traffic to keeps its own metric labels (the default keeps the
     # first 20; the suite uses more, and test_server_metrics asserts on one that comes late).
+    from tests.integration.server_proc import free_port
+
+    metrics_port = free_port()
     c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
-                       "--metrics-top-adapters", "10000",
+                       "--metrics-top-adapters", "10000", "--metrics-port", str(metrics_port), "--body-timeout-s", "2",
                        *[a for r in sorted(roots) for a in ("--lora-roots", r)], name="main", grpc=True)
+    c.metrics_port = metrics_port
     yield c
     c.server.stop()
 

@@ -37,7 +37,7 @@ def blobs(c) -> set[str]:
 
 
 def metric(c, name: str) -> float:
-    text = httpx.get(f"{c.url}/metrics").text
+    text = c.metrics()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"))
 
@@ -157,7 +157,7 @@ def test_clients_that_drop_their_streams_release_their_adapters(safe):
             # leaving the block closes the connection with the stream unread
     deadline = time.time() + 20
     while time.time() < deadline:
-        text = httpx.get(f"{safe.url}/metrics").text
+        text = safe.metrics()
         dropped = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                       if line.startswith("loraplex_requests_total{") and 'status="cancelled"' in line)
         if dropped >= 2 and metric(safe, "vllm_num_requests_running") == 0:

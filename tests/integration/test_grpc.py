@@ -89,7 +89,7 @@ def trailers(err: grpc.RpcError) -> dict[str, str]:
 def scrape(c, name: str, **labels) -> float:
     """Sum of a /metrics family's samples whose labels include ``labels`` (0 if none do yet)."""
     samples = [re.fullmatch(rf"{re.escape(name)}(?:\{{(.*)\}})? (\S+)", line)
-               for line in httpx.get(f"{c.url}/metrics", timeout=10).text.splitlines()]
+               for line in c.metrics().splitlines()]
     return sum(float(m[2]) for m in samples if m and all(f'{k}="{v}"' in (m[1] or "") for k, v in labels.items()))
 
 

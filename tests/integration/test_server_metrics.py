@@ -1,4 +1,6 @@
-"""/metrics: promtool lint, and a real Prometheus (Debian's package) scraping the server."""
+"""/metrics: promtool lint, a real Prometheus (Debian's package) scraping the server, and the
+isolation rule: its labels name tenants and adapters, so on the API port it needs an admin key;
+--metrics-port serves it without one, on a listener of its own."""
 
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def traffic(cluster):
 
 @needs_prometheus
 def test_promtool_accepts_the_exposition(traffic):
-    text = httpx.get(f"{traffic.url}/metrics").text
+    text = traffic.metrics()
     r = subprocess.run([PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     for family in ("loraplex_request_duration_seconds", "loraplex_time_to_first_token_seconds",
@@ -44,13 +46,37 @@ def test_promtool_accepts_the_exposition(traffic):
         assert f"\n{family}" in text, family
 
 
+def test_metrics_on_the_api_port_need_an_admin_key(traffic):
+    url = f"{traffic.url}/metrics"
+    r = httpx.get(url)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(url, headers={"Authorization": f"Bearer {traffic.keys['bob']}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    assert "alice" not in r.text and "metered" not in r.text
+    assert 'adapter="alice/metered"' in traffic.metrics()
+
+
+def test_the_metrics_listener_serves_metrics_and_nothing_else(traffic):
+    base = f"http://127.0.0.1:{traffic.metrics_port}"
+    text = httpx.get(f"{base}/metrics").text
+    assert 'adapter="alice/metered"' in text and "\nloraplex_requests_total" in text
+    for path in ("/v1/models", "/v1/adapters", "/health"):
+        assert httpx.get(f"{base}{path}", headers={"Authorization": f"Bearer {traffic.keys['admin']}"}) \
+            .status_code == 404
+
+
 @needs_prometheus
-def test_real_prometheus_scrapes_sane_values(traffic, tmp_path):
+@pytest.mark.parametrize("listener", ["api port, admin key", "metrics port"])
+def test_real_prometheus_scrapes_sane_values(traffic, tmp_path, listener):
     port = free_port()
-    target = traffic.url.removeprefix("http://")
+    if listener == "metrics port":
+        target, auth = f"127.0.0.1:{traffic.metrics_port}", ""
+    else:  # the documented way: the key in a file Prometheus reads
+        (tmp_path / "key").write_text(traffic.keys["admin"])
+        target, auth = traffic.url.removeprefix("http://"), f"    authorization: {{credentials_file: {tmp_path / 'key'}}}\n"
     (tmp_path / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s}\n"
-        f"scrape_configs:\n  - job_name: loraplex\n    static_configs: [{{targets: ['{target}']}}]\n")
+        f"scrape_configs:\n  - job_name: loraplex\n{auth}    static_configs: [{{targets: ['{target}']}}]\n")
     proc = subprocess.Popen([PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
                              f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

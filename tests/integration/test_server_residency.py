@@ -37,8 +37,7 @@ def loaded(c) -> list[str]:
 
 
 def evictions(c) -> float:
-    with c.http() as h:
-        m = re.search(r"^loraplex_adapter_cache_evictions_total (\S+)$", h.get("/metrics").text, re.M)
+    m = re.search(r"^loraplex_adapter_cache_evictions_total (\S+)$", c.metrics(), re.M)
     return float(m.group(1))
 
 
@@ -93,8 +92,7 @@ def test_concurrent_cold_requests_share_one_load(small):
     assert "x" not in loaded(c)
 
     def counters():
-        with c.http() as h:
-            text = h.get("/metrics").text
+        text = c.metrics()
         get = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
         return (get("loraplex_adapter_load_duration_seconds_count"), get("loraplex_adapter_cache_misses_total"),
                 get("loraplex_adapter_cache_hits_total"))

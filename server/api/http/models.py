@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.http import deps
-from server.metrics import EXPOSITION
+from server.api.http.metrics import exposition
+from server.errors import PermissionDenied
 from server.service import Service
 from server.tenants.store import Principal
 
@@ -32,11 +32,19 @@ async def health(service: Service = Depends(deps.service)):
 
 @router.get("/ready")
 async def ready(service: Service = Depends(deps.service)):
+    """Readiness: 503 while the engine is not serving, and from the first moment of a drain."""
+    if service.draining:
+        return JSONResponse({"status": "draining", "engine": "vllm"}, status_code=503)
     if not service.engine.ready:
         return JSONResponse({"status": "starting", "engine": "not ready"}, status_code=503)
     return {"status": "ready", "model": service.served_name, "engine": "vllm"}
 
 
 @router.get("/metrics")
-async def metrics():
-    return Response(generate_latest(EXPOSITION), media_type=CONTENT_TYPE_LATEST)
+async def metrics(authorization: str | None = Header(None), service: Service = Depends(deps.service)):
+    """Prometheus text format. Its labels name tenants and adapters, so here it needs an admin
+    key; --metrics-port serves it without one on a listener of its own (server/api/http/metrics.py)."""
+    if not service.auth.authenticate(authorization).is_admin:
+        raise PermissionDenied("/metrics names every tenant and adapter, so it needs an admin key; an operator can "
+                               "also serve it without one on --metrics-port")
+    return exposition()
