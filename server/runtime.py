@@ -16,8 +16,8 @@ supervisor (systemd, Kubernetes) to restart it from scratch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import signal
 from contextlib import asynccontextmanager
 
 from server.adapters.registry import AdapterRegistry
@@ -99,26 +99,65 @@ async def watch_engine(service: Service, give_up, *, poll_s: float = 1.0) -> Non
         logger.warning("engine restarted (%d of %d restarts allowed)", restarts, service.settings.engine_restarts)
 
 
-async def serve(settings: Settings, *, ready_callback=None) -> None:
-    """Run HTTP (and gRPC, when --grpc-port is set) on one engine until SIGINT/SIGTERM."""
+async def serve(settings: Settings) -> None:
+    """Run HTTP (and gRPC, and the metrics listener, when their ports are set) on one engine.
+
+    SIGTERM (or SIGINT) drains: ``/ready`` and gRPC health say no at once, new requests get 503,
+    the requests in flight on both fronts run on for up to ``--shutdown-grace-s`` and are then
+    ended with a final error; then the listeners close and the engine stops. A second signal
+    stops at once."""
     import uvicorn
 
     from server.api.http.app import create_app
+    from server.api.http.metrics import create_metrics_app
 
     service = build(settings)
+    loop = asyncio.get_running_loop()
     grpc_server = None
     exit_code = 0
+    draining: asyncio.Task | None = None
+
+    async def drain() -> None:
+        service.start_draining()
+        steps = [service.drain(settings.shutdown_grace_s)]
+        if grpc_server is not None:  # NOT_SERVING and refusing new calls at once, like HTTP
+            steps.append(grpc_server.stop(settings.shutdown_grace_s + 5))
+        await asyncio.gather(*steps)
+        for server in servers:
+            server.should_exit = True
+
+    def on_signal() -> None:
+        nonlocal draining
+        if draining is None:
+            logger.warning("signal received: draining for up to %.0f s (a second signal stops at once)",
+                           settings.shutdown_grace_s)
+            draining = loop.create_task(drain())
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if draining is None and not self.should_exit:  # the first signal drains
+                loop.call_soon_threadsafe(on_signal)
+            else:
+                for server in servers:
+                    server.force_exit = server.should_exit = True
+
+    class Quiet(Server):
+        """A second listener: the first one owns the signal handlers."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
 
     def give_up(code: int) -> None:
         nonlocal exit_code
         exit_code = code
-        http.should_exit = True
+        for server in servers:
+            server.should_exit = True
 
     @asynccontextmanager
     async def lifespan(app):
-        # Shut the engine down here, not after serve() returns: uvicorn re-raises
-        # SIGTERM/SIGINT once it has stopped, which would kill this process
-        # before a `finally` ran and orphan vLLM's engine-core processes.
+        # Shut the engine down here, not after serve() returns, so that it happens whatever
+        # ends the server, before the process exits and orphans vLLM's engine-core processes.
         tasks = [asyncio.create_task(watch_engine(service, give_up)),
                  asyncio.create_task(service.adapters.gc_forever())]
         try:
@@ -127,25 +166,24 @@ async def serve(settings: Settings, *, ready_callback=None) -> None:
             for t in tasks:
                 t.cancel()
             if grpc_server is not None:
-                await grpc_server.stop(grace=5)
+                await grpc_server.stop(0)
             service.engine.shutdown()
 
-    config = uvicorn.Config(create_app(service, lifespan=lifespan), host=settings.host, port=settings.port,
-                            log_level="info", timeout_graceful_shutdown=10)
-    http = uvicorn.Server(config)
+    tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile}
+    # Uvicorn's own graceful timeout only covers what the drain left: idle keep-alive connections.
+    servers = [Server(uvicorn.Config(create_app(service, lifespan=lifespan), host=settings.host, port=settings.port,
+                                     log_level="info", timeout_graceful_shutdown=5, **tls))]
+    if settings.metrics_port is not None:
+        servers.append(Quiet(uvicorn.Config(create_metrics_app(service), host=settings.metrics_host or settings.host,
+                                            port=settings.metrics_port, log_level="warning", lifespan="off", **tls)))
     if settings.grpc_port is not None:
         from server.api.grpc.server import start_grpc
 
-        grpc_server = await start_grpc(service, settings.host, settings.grpc_port)
+        grpc_server = await start_grpc(service, settings.host, settings.grpc_port,
+                                       certfile=settings.grpc_ssl_certfile, keyfile=settings.grpc_ssl_keyfile)
     try:
-        await http.serve()
+        await asyncio.gather(*(server.serve() for server in servers))
     finally:
         service.engine.shutdown()  # idempotent; covers a failed startup
     if exit_code:
         raise SystemExit(exit_code)
-
-
-def install_signal_handlers(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)

@@ -31,13 +31,14 @@ class Process:
 
     def __init__(self, argv: list[str], port: int, log: Path):
         self.argv, self.port, self.log_path = argv, port, log
+        self.scheme, self.verify = "http", True  # https, and the CA file to trust, for a TLS server
         self.proc: subprocess.Popen | None = None
         self.env: dict[str, str] = {}
         """Extra environment for the next start (LORAPLEX_FAILPOINTS, say)."""
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 240) -> "Process":
         self.log = self.log_path.open("ab")
@@ -48,7 +49,7 @@ class Process:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                if httpx.get(f"{self.url}{self.ready_path}", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=1, verify=self.verify).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

@@ -4,13 +4,14 @@
 ``--grpc-port`` is set, so gRPC and HTTP share one process, one Service and
 one engine. ``grpc.health.v1.Health`` reports SERVING for the whole server
 (``""``) and for each loraplex service while the engine is ready, and
-NOT_SERVING once shutdown begins.
+NOT_SERVING while it is dead and once the drain begins (SIGTERM).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,6 +38,7 @@ class GrpcServer:
         self.server, self.port, self.service = server, port, service
         self.health = health.aio.HealthServicer()
         self._watch: asyncio.Task | None = None
+        self._stopping: asyncio.Future | None = None
 
     async def start(self) -> None:
         await self._set_health(self.service.engine.ready)
@@ -57,22 +59,35 @@ class GrpcServer:
                 await self._set_health(serving)
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first, then let calls in flight finish for ``grace`` seconds."""
-        if self._watch is not None:
-            self._watch.cancel()
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        """NOT_SERVING and refusing new calls at once, then let calls in flight finish for
+        ``grace`` seconds. A second call waits for the first."""
+        if self._stopping is None:
+            if self._watch is not None:
+                self._watch.cancel()
+            await self.health.enter_graceful_shutdown()
+            self._stopping = asyncio.ensure_future(self.server.stop(grace))
+        await asyncio.shield(self._stopping)
 
 
-async def start_grpc(service: Service, host: str, port: int) -> GrpcServer:
+def _credentials(certfile: Path, keyfile: Path) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(keyfile.read_bytes(), certfile.read_bytes())])
+
+
+async def start_grpc(service: Service, host: str, port: int, *, certfile: Path | None = None,
+                     keyfile: Path | None = None) -> GrpcServer:
+    """Listen on ``host:port``: TLS with ``certfile``/``keyfile`` (PEM), plaintext without."""
     server = grpc.aio.server(interceptors=[ErrorInterceptor()],
                              options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(service), server)
-    grpc_server = GrpcServer(server, server.add_insecure_port(f"{host}:{port}"), service)
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, _credentials(certfile, keyfile)) if certfile is not None
+             else server.add_insecure_port(address))
+    grpc_server = GrpcServer(server, bound, service)
     health_pb2_grpc.add_HealthServicer_to_server(grpc_server.health, server)
     reflection.enable_server_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
     await grpc_server.start()
-    logger.info("gRPC serving %s on %s:%d", ", ".join(SERVICES), host, grpc_server.port)
+    logger.info("gRPC serving %s on %s:%d (%s)", ", ".join(SERVICES), host, grpc_server.port,
+                "TLS" if certfile is not None else "plaintext")
     return grpc_server
