@@ -1,5 +1,5 @@
 """The engine boundary: the only package that imports vllm (see vllm_engine.py)."""
 
-from server.engine.types import Completion, EngineStats, Sampling
+from server.engine.types import Completion, Sampling
 
-__all__ = ["Completion", "EngineStats", "Sampling"]
+__all__ = ["Completion", "Sampling"]

@@ -35,8 +35,3 @@ class Completion:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
 
-
-@dataclass
-class EngineStats:
-    running: int
-    waiting: int

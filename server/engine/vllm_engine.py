@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine.types import Completion, EngineStats, Sampling, TokenLogprob
+from server.engine.types import Completion, Sampling, TokenLogprob
 from server.errors import EngineNotReady, InvalidArgument
 
 logger = logging.getLogger(__name__)
@@ -206,13 +206,6 @@ class VllmEngine:
     def tokenizer(self):
         return self._llm.get_tokenizer()
 
-    def stats(self) -> EngineStats:
-        n = self._llm.get_num_unfinished_requests() if self._llm else 0
-        return EngineStats(running=n, waiting=0)
-
-    async def check_health(self) -> None:
-        await self._llm.check_health()
-
     # ------------------------------------------------------------ LoRA slots
 
     async def add_lora(self, name: str, lora_id: int, path: str) -> None:
@@ -234,9 +227,6 @@ class VllmEngine:
     async def remove_lora(self, lora_id: int) -> None:
         if self._llm is not None and not self._llm.errored:
             await self._llm.remove_lora(lora_id)
-
-    async def list_loras(self) -> set[int]:
-        return set(await self._llm.list_loras())
 
 
 def _finite(logprob: float) -> float:

@@ -18,6 +18,19 @@ from server.tenants.store import Principal
 
 router = APIRouter()
 
+# The upload routes read the raw request (streamed into staging), so FastAPI cannot derive their
+# body from a signature; this is it, for /openapi.json and the clients and fuzzers that read it.
+_UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "description": "The adapter's name (POST only; PUT takes it from the path)."},
+        "tenant": {"type": "string", "description": "Another tenant's namespace (admins only)."},
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "adapter_config.json, adapter_model.safetensors, optionally loraplex.json."},
+        "archive": {"type": "string", "format": "binary", "description": "Or: one .tar.gz of those files."},
+    },
+}}}}}
+
 
 def card(service: Service, rec: AdapterRecord) -> dict:
     return {"id": rec.name, "object": "adapter", "model": f"{service.served_name}:{rec.name}", "tenant": rec.tenant,
@@ -43,7 +56,7 @@ async def _upload(request: Request, principal: Principal, service: Service, *, n
                                   replace=replace)
 
 
-@router.post("/v1/adapters", status_code=201)
+@router.post("/v1/adapters", status_code=201, openapi_extra=_UPLOAD_BODY)
 async def upload(request: Request, tenant: str | None = None, principal: Principal = Depends(deps.principal),
                  service: Service = Depends(deps.service)):
     return card(service, await _upload(request, principal, service, name=None, tenant=tenant))
@@ -61,7 +74,7 @@ async def get_adapter(name: str, tenant: str | None = None, principal: Principal
     return card(service, service.adapters.get_adapter(principal, name, tenant))
 
 
-@router.put("/v1/adapters/{name}")
+@router.put("/v1/adapters/{name}", openapi_extra=_UPLOAD_BODY)
 async def replace(name: str, request: Request, tenant: str | None = None,
                   principal: Principal = Depends(deps.principal), service: Service = Depends(deps.service)):
     return card(service, await _upload(request, principal, service, name=name, tenant=tenant))
