@@ -8,7 +8,8 @@ while one adapter is replaced ``--replaces`` times and another deleted and uploa
 
 - bodies claiming 1 GiB sent without a key, and slow-drip bodies with a key (one byte a second);
 - 1 MB prompts;
-- one tenant firing ``n=16``, ``max_tokens`` at the context limit, ``ignore_eos``.
+- one tenant firing ``n=16``, ``max_tokens`` at the context limit, ``ignore_eos`` (its tenant limited
+  to 2 requests and 8192 tokens in flight, as an operator would set it).
 
 Reported:
 - failed requests: anything but a 200 stream that ends in ``[DONE]``, other than the documented
@@ -251,7 +252,10 @@ def main() -> None:
     for i in range(TENANTS):
         keys[f"t{i}"] = create_tenant(data, f"t{i}", "--rpm", "1000000", "--max-concurrency", "128",
                                       "--max-inflight-tokens", "1000000")
-    keys["hostile"] = create_tenant(data, "hostile", "--rpm", "1000000")  # the default in-flight limits
+    # The attacker's tenant gets the limits an operator gives a tenant it does not trust to share:
+    # two requests and 8192 tokens (max_tokens x n) in flight -- two of its n=16 requests at a time.
+    keys["hostile"] = create_tenant(data, "hostile", "--rpm", "1000000", "--max-concurrency", "2",
+                                    "--max-inflight-tokens", "8192")
     engine = ("--dtype", "float32", "--max-model-len", "256", "--kv-cache-bytes", str(256 << 20),
               "--max-lora-rank", "16", "--enforce-eager", "--max-loras", "2", "--max-cpu-loras", "8")
     server = ServerProcess(base, data, "--adapter-gc-grace-s", "5", log=a.work / "server.log", engine=engine).start(600)
