@@ -44,7 +44,7 @@ import enum
 import itertools
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,6 +117,7 @@ class ResidencyManager:
         self._freed = asyncio.Event()  # set whenever an adapter becomes idle (evictable)
         self._tasks: set[asyncio.Task] = set()  # background loads and removals, referenced until done
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
+        self._waiting: Counter[str] = Counter()  # digests of cold admissions waiting for room
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # guards admission/eviction decisions, never a load
         self.on_drained: Callable[[str], None] | None = None
@@ -135,8 +136,9 @@ class ResidencyManager:
         return self._entries.get(key)
 
     def digests(self) -> set[str]:
-        """Blobs an entry may still need vLLM to read (loading, loaded, or draining)."""
-        return {e.digest for e in self._entries.values() if e.digest}
+        """Blobs vLLM may still need to read: an entry's (loading, loaded, or draining), and a
+        cold admission's that is still waiting for room (it has no entry yet)."""
+        return {e.digest for e in self._entries.values() if e.digest} | {d for d, n in self._waiting.items() if n}
 
     def new_lora_id(self) -> int:
         return next(self._ids)
@@ -150,7 +152,15 @@ class ResidencyManager:
         room. Raises :class:`AdapterLoadFailed` if vLLM cannot load it."""
         entry = self._entries.get(key)
         if entry is None:
-            entry = await self._admit(key, path, size_bytes, digest=digest, pinned=pinned, wait=wait)
+            if digest:  # a blob a waiting admission will load is not reclaimed under it
+                self._waiting[digest] += 1
+            try:
+                entry = await self._admit(key, path, size_bytes, digest=digest, pinned=pinned, wait=wait)
+            finally:
+                if digest:
+                    self._waiting[digest] -= 1
+                    if not self._waiting[digest]:
+                        del self._waiting[digest]
         else:
             self.events.hit(key)  # the hot path: no lock, no await
         entry.refs += 1

@@ -197,3 +197,21 @@ def test_retiring_an_idle_adapter_wakes_a_waiter_at_once():
         r.release(busy)
 
     asyncio.run(main())
+
+
+def test_a_waiting_admission_keeps_its_blob_live():
+    """Found by the soak: a request waiting for room has no entry yet, and its blob's grace ran
+    out under it; the collector removed the files vLLM was about to load."""
+    async def main():
+        r = ResidencyManager(Engine(), budget_bytes=10, max_entries=1, admission_timeout_s=5)
+        a = await r.acquire("t/a@1", "/a", 1, digest="da")
+        waiting = asyncio.create_task(r.acquire("t/b@1", "/b", 1, digest="db"))
+        await asyncio.sleep(0.05)
+        assert r.get("t/b@1") is None and r.digests() == {"da", "db"}
+        r.release(a)
+        b = await asyncio.wait_for(waiting, 1)
+        await asyncio.sleep(0)
+        assert r.digests() == {"db"}
+        r.release(b)
+
+    asyncio.run(main())
