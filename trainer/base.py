@@ -163,8 +163,10 @@ def _fingerprint_cached(path: Path, stamp: tuple) -> str:
 def fingerprint(path: str | os.PathLike) -> str:
     """sha256 over config (architecture keys) and all tensors of an HF directory.
 
-    Cached per process, keyed by the weight files' sizes and mtimes; the default
-    base stores it next to its weights at conversion time.
+    Hashing every tensor of an 8B-70B base is minutes of I/O, so the result is cached on disk
+    (``$XDG_CACHE_HOME/loraplex/fingerprints/``), keyed by the directory and by the weight
+    files' names, sizes and mtimes: a changed file is hashed again, an unchanged base never is.
+    The default base records it next to its weights at conversion time.
     """
     path = Path(path).resolve()
     recorded = path / "loraplex-base.json"
@@ -173,8 +175,23 @@ def fingerprint(path: str | os.PathLike) -> str:
         if fp:
             return fp
     files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
-    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
-    return _fingerprint_cached(path, stamp)
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    entry = cache_dir() / "fingerprints" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:32]}.json"
+    try:
+        cached = json.loads(entry.read_text())
+        if cached.get("path") == str(path) and cached.get("stamp") == stamp and cached.get("fingerprint"):
+            return cached["fingerprint"]
+    except (OSError, ValueError):
+        pass
+    fp = _fingerprint_cached(path, tuple(map(tuple, stamp)))
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "fingerprint": fp}))
+        tmp.replace(entry)
+    except OSError:  # a read-only cache costs a hash per start, nothing else
+        pass
+    return fp
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -33,8 +33,9 @@ class Process:
         self.argv, self.port, self.log_path = argv, port, log
         self.scheme, self.verify = "http", True  # https, and the CA file to trust, for a TLS server
         self.proc: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}
-        """Extra environment for the next start (LORAPLEX_FAILPOINTS, say)."""
+        self.env: dict[str, str | None] = {}
+        """Extra environment for the next start (LORAPLEX_FAILPOINTS, say); None removes a variable."""
+        self.cwd: Path | None = None
 
     @property
     def url(self) -> str:
@@ -42,8 +43,8 @@ class Process:
 
     def start(self, timeout: float = 240) -> "Process":
         self.log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
+        env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}.items() if v is not None}
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.cwd)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

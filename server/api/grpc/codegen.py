@@ -1,5 +1,9 @@
 """Python stubs for ``proto/``, generated on import and never committed.
 
+A checkout generates them from its ``proto/``; a wheel ships a copy of ``proto/`` and the stubs
+built from it (``setup.py``), and regenerates them from that copy if the installed grpcio-tools
+differs from the one that built them.
+
 ``ensure()`` compares a fingerprint of the inputs (every ``.proto`` file, the
 grpcio-tools version, and this module's own source) with the one stored next
 to the generated code in ``_gen/PROTO_SHA256``, and regenerates only when they
@@ -24,7 +28,10 @@ from pathlib import Path
 
 from filelock import FileLock
 
-PROTO_ROOT = Path(__file__).resolve().parents[3] / "proto"
+_SOURCE_PROTO = Path(__file__).resolve().parents[3] / "proto"
+_PACKAGED_PROTO = Path(__file__).resolve().parent / "proto"
+PROTO_ROOT = _SOURCE_PROTO if (_SOURCE_PROTO / "loraplex").is_dir() else _PACKAGED_PROTO
+"""The source tree's proto/ (a checkout, an editable install), else the copy a wheel ships."""
 GEN_DIR = Path(__file__).resolve().parent / "_gen"
 STAMP = "PROTO_SHA256"
 
