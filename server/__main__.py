@@ -1,6 +1,7 @@
 """python -m server: serve, or manage tenants.
 
-    python -m server [--base DIR] [--port 8000] [--max-loras 4] ...   # serve (flags: --help)
+    python -m server [--model DIR] [--port 8000] [--max-loras 4] ...  # serve (flags: --help); any other
+                                                                      # flag is one of vLLM's engine arguments
     python -m server tenants create NAME [--admin] [--max-adapters N] [--max-rank R] [--rpm N]
                                          [--max-concurrency N] [--max-inflight-tokens N]
     python -m server tenants list
@@ -83,6 +84,47 @@ def revoke(name: str, data_dir: DataDir = None) -> None:
     typer.echo(f"revoked {name}")
 
 
+VLLM_ALIASES = {"--model": "--base", "--served-model-name": "--served-name",
+                "--kv-cache-memory-bytes": "--kv-cache-bytes"}
+"""vLLM's names for flags loraplex had first; both work."""
+
+
+def _is_flag(token: str) -> bool:
+    return token.startswith("--") or (token.startswith("-") and len(token) > 1 and not token[1].isdigit()
+                                      and token[1] != ".")
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(loraplex's flags, the rest -- vLLM's engine arguments). vLLM's aliases are renamed, and
+    a list flag given vLLM's way (``--lora-modules a=/x b=/y``) is repeated per value."""
+    from server.config import Settings
+
+    ours, lists = {"-h", "--help"}, set()
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        ours |= {flag, "--no-" + flag[2:]}
+        if str(field.annotation).startswith("list"):
+            lists.add(flag)
+    mine, rest, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, inline = token.partition("=")
+        name = VLLM_ALIASES.get(name, name)
+        values = []
+        i += 1
+        while i < len(argv) and not _is_flag(argv[i]):
+            values.append(argv[i])
+            i += 1
+        if name not in ours:
+            rest += [token, *values]
+        elif name in lists:
+            for v in ([inline] if eq else []) + values:
+                mine += [name, v]
+        else:
+            mine += [f"{name}={inline}" if eq else name, *values]
+    return mine, rest
+
+
 def serve(argv: list[str]) -> None:
     from pydantic import ValidationError
     from pydantic_settings import CliApp, SettingsError
@@ -90,20 +132,34 @@ def serve(argv: list[str]) -> None:
     from server.config import Settings
     from server.runtime import serve as run
 
+    mine, rest = split_argv(argv)
+    if "-h" in mine or "--help" in mine:
+        try:
+            CliApp.run(Settings, cli_args=["--help"])
+        except SystemExit:
+            pass
+        from server.engine.vllm_engine import engine_help
+
+        print("\nAny other flag is one of vLLM's engine arguments, passed to vLLM as `vllm serve` would pass it:\n")
+        print(engine_help())
+        return
+    from server.engine.vllm_engine import EngineConfigError, parse_engine_args
+    from trainer.base import BaseModelError
+
     try:
-        settings = CliApp.run(Settings, cli_args=argv)
+        engine_args = parse_engine_args(rest) if rest else {}
+        settings = CliApp.run(Settings, cli_args=mine)
+        if engine_args:
+            settings = settings.model_copy(update={"engine_args": engine_args})
     except ValidationError as e:
         for err in e.errors():
             msg = err["msg"].removeprefix("Value error, ")
             flag = "--" + "-".join(str(p) for p in err["loc"]).replace("_", "-") + ": " if err["loc"] else ""
             print(f"error: {flag}{msg}", file=sys.stderr)
         raise SystemExit(2)
-    except SettingsError as e:
+    except (SettingsError, EngineConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    from server.engine.vllm_engine import EngineConfigError
-    from trainer.base import BaseModelError
-
     try:
         asyncio.run(run(settings))
     except (EngineConfigError, BaseModelError) as e:

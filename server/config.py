@@ -3,15 +3,27 @@
 Precedence (highest first): command-line flags (``--max-loras 8``), environment
 (``LORAPLEX_MAX_LORAS=8``), a TOML file (``--config server.toml`` or
 ``LORAPLEX_CONFIG``), then the defaults below, which start on a 2-core, 24 GiB
-CPU host.
+CPU host. Each field's docstring is its ``--help``.
+
+**vLLM's names.** Every engine option loraplex sets has vLLM's flag name: the
+canonical one where loraplex had none (``--max-num-seqs``), and vLLM's is
+accepted as an alias where loraplex's came first (``--model`` for ``--base``,
+``--served-model-name`` for ``--served-name``, ``--kv-cache-memory-bytes`` for
+``--kv-cache-bytes``; ``server.__main__`` renames them).
+Any other flag is one of vLLM's engine arguments: ``server.__main__`` hands it to
+vLLM's own parser, which checks it, and the engine gets it unchanged
+(:attr:`Settings.engine_args`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated, Any
+
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (BaseSettings, CliSuppress, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
 from server.adapters.compat import VLLM_RANKS
 
@@ -23,36 +35,82 @@ def _default_data_dir() -> Path:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid", cli_kebab_case=True,
-                                      cli_prog_name="python -m server", cli_implicit_flags=True)
+                                      cli_prog_name="python -m server", cli_implicit_flags=True,
+                                      use_attribute_docstrings=True)
 
     config: Path | None = None
     """TOML file with any of these settings (flags and environment override it)."""
+
+    # ---------------------------------------------------------------- the base and the engine
     base: str = "smollm2-135m"
-    """Base model: 'smollm2-135m' (bundled) or a local Hugging Face model directory."""
+    """Base model: 'smollm2-135m' (bundled) or a local Hugging Face model directory (vLLM: --model)."""
     served_name: str | None = None
-    """Name clients use for the base in `model=`; default: the base's name (directory name for a path)."""
+    """Name clients use for the base in `model=` (vLLM: --served-model-name); default: the base's name."""
     quantization: str | None = None
     """vLLM quantization method for the base (e.g. bitsandbytes, fp8); must be one the installed vLLM offers."""
     dtype: str = "auto"
     """Weights/activations dtype passed to vLLM (auto, bfloat16, float16, float32)."""
+    max_model_len: int = Field(2048, ge=16)
+    """Context length (prompt + completion tokens)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    """GPU: fraction of device memory vLLM may use. Ignored on CPU (see --kv-cache-memory-bytes)."""
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20)
+    """KV cache size in bytes (vLLM: --kv-cache-memory-bytes). Default on CPU: 1 GiB; on GPU: from
+    --gpu-memory-utilization."""
+    kv_cache_dtype: str = "auto"
+    """KV cache dtype (auto, fp8, fp8_e4m3, fp8_e5m2 ...): fp8 halves KV memory on GPUs that have it."""
+    max_num_seqs: int | None = Field(None, ge=1)
+    """Sequences in one engine step (vLLM's default for an OpenAI server on this device if unset)."""
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    """Tokens in one engine step (vLLM's default for an OpenAI server on this device if unset)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (per adapter version: a replaced adapter never
+    reuses the old one's)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the base across."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / compilation (faster start, slower decode)."""
+    seed: int = 0
+    """The engine's random seed (a request's own `seed` overrides it for that request)."""
+    engine_restarts: int = Field(3, ge=0)
+    """How many times a dead vLLM engine is restarted in process; after that the server exits with
+    status 3 so that its supervisor restarts it."""
+    engine_args: Annotated[dict[str, Any], CliSuppress] = Field(default_factory=dict)
+    """Any other vLLM engine argument, as vLLM's parser read it from the command line."""
+
+    # ---------------------------------------------------------------- adapters
     max_loras: int = Field(4, ge=1)
     """Adapters in one batch (vLLM's GPU LoRA slots)."""
     max_cpu_loras: int | None = Field(None, ge=1)
     """Adapters kept loaded in the engine's host-memory tier; default max(64, max_loras)."""
     max_lora_rank: int = 64
     """Largest adapter rank served; vLLM sizes every LoRA slot for it (memory grows linearly)."""
-    max_model_len: int = Field(2048, ge=16)
-    """Context length (prompt + completion tokens)."""
-    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
-    """GPU: fraction of device memory vLLM may use. Ignored on CPU (see kv_cache_bytes)."""
-    kv_cache_bytes: int | None = Field(None, ge=1 << 20)
-    """KV cache size in bytes. Default on CPU: 1 GiB; on GPU: derived from gpu_memory_utilization."""
+    fully_sharded_loras: bool = False
+    """With --tensor-parallel-size > 1: shard the LoRA computation too (faster for high ranks or long inputs)."""
+    lora_modules: list[str] = Field(default_factory=list)
+    """Adapters to register at start, as vLLM takes them: name=path, or JSON {"name": ..., "path": ...}.
+    They belong to --lora-modules-tenant; a name already registered with the same files is kept."""
+    lora_modules_tenant: str = "default"
+    """The tenant --lora-modules are registered for (create it first: python -m server tenants create NAME)."""
+    lora_roots: list[Path] = Field(default_factory=list)
+    """Server-side directories admins may load adapters from via /v1/load_lora_adapter."""
     adapter_cache_bytes: int = Field(4 << 30, ge=1)
     """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
     adapter_queue_timeout_s: float = Field(30.0, ge=0.0)
     """How long a request for a cold adapter waits for room while every loaded adapter is busy (503 after)."""
     max_upload_bytes: int = Field(2 << 30, ge=1 << 10)
     """Largest adapter upload (all files, or the archive and what it unpacks to); larger is a 413."""
+    adapter_gc_grace_s: float = Field(60.0, ge=0.0)
+    """How long a deleted or replaced adapter's files stay on disk after it is released, for requests
+    that resolved it just before; then they are reclaimed."""
+
+    # ---------------------------------------------------------------- tools
+    enable_auto_tool_choice: bool = False
+    """Let the model decide when to call a tool (tool_choice "auto"); needs --tool-call-parser."""
+    tool_call_parser: str | None = None
+    """vLLM's parser for the model's tool-call syntax (hermes, llama3_json, mistral, pythonic ...)."""
+
+    # ---------------------------------------------------------------- requests
     max_request_bytes: int = Field(8 << 20, ge=1 << 10)
     """Largest JSON request body (completions, chat, management calls); larger is a 413. Read
     whole, after the key is checked, before the route runs."""
@@ -65,16 +123,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0.0)
     """On SIGTERM: how long requests in flight may run on (new ones get 503) before they are ended
     with a final error; HTTP and gRPC drain together."""
-    adapter_gc_grace_s: float = Field(60.0, ge=0.0)
-    """How long a deleted or replaced adapter's files stay on disk after it is released, for requests
-    that resolved it just before; then they are reclaimed."""
-    engine_restarts: int = Field(3, ge=0)
-    """How many times a dead vLLM engine is restarted in process; after that the server exits with
-    status 3 so that its supervisor restarts it."""
-    enforce_eager: bool = False
-    """Disable CUDA graphs / compilation (faster start, slower decode)."""
+
+    # ---------------------------------------------------------------- listeners and state
     host: str = "127.0.0.1"
+    """Address the HTTP (and gRPC) listeners bind."""
     port: int = Field(8000, ge=0, le=65535)
+    """HTTP port: the OpenAI API, adapter management, health."""
     grpc_port: int | None = Field(None, ge=0, le=65535)
     """gRPC port (0: pick a free one); unset: no gRPC server."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
@@ -92,11 +146,8 @@ class Settings(BaseSettings):
     """PEM private key for --grpc-ssl-certfile; default: --ssl-keyfile."""
     data_dir: Path = Field(default_factory=_default_data_dir)
     """Registry (SQLite) and the content-addressed adapter store live here."""
-    lora_roots: list[Path] = Field(default_factory=list)
-    """Server-side directories admins may load adapters from via /v1/load_lora_adapter."""
     metrics_top_adapters: int = Field(20, ge=0)
     """Per-adapter metric labels are kept for this many busiest adapters; the rest are 'other'."""
-    seed: int = 0
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -119,6 +170,8 @@ class Settings(BaseSettings):
             self.max_cpu_loras = max(64, self.max_loras)
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (as in vLLM)")
         return self
 
     @classmethod

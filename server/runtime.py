@@ -27,6 +27,7 @@ from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec
 from server.config import Settings
 from server.db import Database
+from server.errors import LoraplexError
 from server.metrics import Metrics, register_state
 from server.service import Service
 from server.tenants.store import TenantStore
@@ -60,12 +61,21 @@ def build(settings: Settings, *, engine=None) -> Service:
             max_loras=settings.max_loras, max_cpu_loras=engine_max_cpu_loras(settings.max_cpu_loras),
             max_lora_rank=settings.max_lora_rank,
             max_model_len=settings.max_model_len, gpu_memory_utilization=settings.gpu_memory_utilization,
-            kv_cache_bytes=settings.kv_cache_bytes, enforce_eager=settings.enforce_eager, seed=settings.seed))
+            kv_cache_bytes=settings.kv_cache_bytes, enforce_eager=settings.enforce_eager, seed=settings.seed,
+            kv_cache_dtype=settings.kv_cache_dtype, max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            enable_prefix_caching=settings.enable_prefix_caching, tensor_parallel_size=settings.tensor_parallel_size,
+            fully_sharded_loras=settings.fully_sharded_loras, extra=tuple(sorted(settings.engine_args.items()))))
         engine.start()
+    tool_parser = None
+    if settings.enable_auto_tool_choice:
+        from server.engine.tool_parsers import ToolParsers
+
+        tool_parser = ToolParsers(settings.tool_call_parser, engine.tokenizer)
     service = Service(settings, base=base, base_spec=spec, engine=engine,
                       tokenizer=AutoTokenizer.from_pretrained(base.path), tenants=TenantStore(db),
                       registry=registry, store=store,
-                      metrics=Metrics(top_n=settings.metrics_top_adapters))
+                      metrics=Metrics(top_n=settings.metrics_top_adapters), tool_parser=tool_parser)
     register_state(service)
     return service
 
@@ -118,8 +128,8 @@ async def serve(settings: Settings) -> None:
     draining: asyncio.Task | None = None
 
     async def drain() -> None:
-        service.start_draining()
-        steps = [service.drain(settings.shutdown_grace_s)]
+        service.inference.start_draining()
+        steps = [service.inference.drain(settings.shutdown_grace_s)]
         if grpc_server is not None:  # NOT_SERVING and refusing new calls at once, like HTTP
             steps.append(grpc_server.stop(settings.shutdown_grace_s + 5))
         await asyncio.gather(*steps)
@@ -161,6 +171,12 @@ async def serve(settings: Settings) -> None:
         tasks = [asyncio.create_task(watch_engine(service, give_up)),
                  asyncio.create_task(service.adapters.gc_forever())]
         try:
+            if settings.lora_modules:  # before the first request: /ready says 200 only after this
+                try:
+                    await service.adapters.register_modules(settings.lora_modules, settings.lora_modules_tenant)
+                except LoraplexError as e:
+                    logger.error("--lora-modules: %s%s", f"{e.field}: " if e.field else "", e.message)
+                    give_up(2)
             yield
         finally:
             for t in tasks:

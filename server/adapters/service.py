@@ -165,8 +165,10 @@ class AdapterService:
             raise QuotaExceeded(f"tenant {tenant!r} has {len(active)} adapters, its quota is {quotas.max_adapters}",
                                 field="name")
 
-    async def load_from_path(self, principal: Principal, name: str, path: str, tenant: str | None = None) -> AdapterRecord:
-        """vLLM's /v1/load_lora_adapter: admins only, and only from --lora-roots."""
+    async def load_from_path(self, principal: Principal, name: str, path: str, tenant: str | None = None, *,
+                             replace: bool = False) -> AdapterRecord:
+        """vLLM's /v1/load_lora_adapter: admins only, and only from --lora-roots. ``replace``
+        (vLLM's ``load_inplace``): a new version of an adapter that exists."""
         if not principal.is_admin:
             raise PermissionDenied("loading adapters from server paths needs an admin key", field="lora_path")
         if not isinstance(path, str) or "\0" in path:
@@ -183,10 +185,38 @@ class AdapterService:
                                    f"({', '.join(map(str, roots)) or 'none configured'})", field="lora_path")
         if not is_dir:
             raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
-        self.check_upload(principal, name, tenant, replace=False)
+        ns = self.namespace(principal, tenant)
+        replace = replace and any(r.name == name for r in self.registry.list(ns))
+        self.check_upload(principal, name, tenant, replace=replace)
         async with self.staging() as staged:
             await asyncio.to_thread(_copy_from_roots, real, roots, staged)
-            return await self.add(principal, name, staged, tenant=tenant, refusal_field="lora_path")
+            return await self.add(principal, name, staged, tenant=tenant, replace=replace, refusal_field="lora_path")
+
+    async def register_modules(self, modules: list[str], tenant: str) -> list[AdapterRecord]:
+        """vLLM's ``--lora-modules``: register each ``name=path`` (or JSON ``{"name", "path"}``) for
+        ``tenant`` at start, through the same checks as an upload. A name already registered with
+        the same files is kept as it is; with other files it is replaced."""
+        from server.tenants.store import Role
+
+        self.tenants.get(tenant)  # TenantNotFound: say so at start
+        operator = Principal("(--lora-modules)", Role.ADMIN)
+        out = []
+        for spec in modules:
+            name, path = _module(spec)
+            src = Path(path).resolve()
+            if not src.is_dir():
+                raise InvalidArgument(f"--lora-modules {spec!r}: {path} is not a directory", field="lora_modules")
+            existing = {r.name: r for r in self.registry.list(tenant)}.get(name)
+            async with self.staging() as staged:
+                await asyncio.to_thread(copy_dir, src, staged)
+                if existing is not None and await asyncio.to_thread(staged.finish) == existing.digest:
+                    out.append(existing)
+                    continue
+                rec = await self.add(operator, name, staged, tenant=tenant, replace=existing is not None,
+                                     refusal_field="lora_modules")
+            logger.info("--lora-modules: %s -> %s/%s version %d", path, tenant, name, rec.version)
+            out.append(rec)
+        return out
 
     # ------------------------------------------------------------ queries
 
@@ -316,6 +346,22 @@ def recover(registry: AdapterRegistry, store: AdapterStore) -> dict[str, int]:
         store.delete(digest)
         counts["orphan_blobs"] += 1
     return counts
+
+
+def _module(spec: str) -> tuple[str, str]:
+    """``name=path`` or vLLM's JSON form ``{"name": ..., "path": ...}``."""
+    import json
+
+    if spec.lstrip().startswith("{"):
+        try:
+            obj = json.loads(spec)
+            return str(obj["name"]), str(obj["path"])
+        except (ValueError, KeyError, TypeError):
+            raise InvalidArgument(f"--lora-modules {spec!r}: JSON needs name and path", field="lora_modules") from None
+    name, eq, path = spec.partition("=")
+    if not eq or not name or not path:
+        raise InvalidArgument(f"--lora-modules {spec!r}: expected name=path", field="lora_modules")
+    return name, path
 
 
 def _copy_from_roots(src: Path, roots: list[Path], staged: StagedUpload) -> None:

@@ -53,3 +53,28 @@ def test_tenants_cli(tmp_path):
     assert "revoked" in run("tenants", "list", "--data-dir", str(tmp_path)).stdout
     assert run("tenants", "revoke", "nobody", "--data-dir", str(tmp_path)).returncode == 2
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").rglob("*.safetensors"))
+
+
+def test_help_describes_every_flag_and_lists_vllms_engine_arguments():
+    r = run("--help")
+    assert r.returncode == 0, r.stderr
+    from server.config import Settings
+
+    ours = r.stdout.split("Any other flag is one of vLLM's engine arguments")[0]
+    for name, field in Settings.model_fields.items():
+        if name == "engine_args":  # filled from vLLM's flags, not a flag itself
+            continue
+        flag = "--" + name.replace("_", "-")
+        assert flag in ours, flag
+        assert field.description, f"{flag} has no description"
+        assert field.description.split()[0] in ours, f"{flag}'s description is not in --help"
+    assert "--max-num-seqs" in ours and "--block-size" in r.stdout.split("engine arguments")[1]
+
+
+def test_unknown_flags_are_refused_by_name(tmp_path):
+    r = run("--no-such-flag", "3", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "--no-such-flag" in r.stderr
+    r = run("--enable-lora", "--data-dir", str(tmp_path))  # vLLM's, but loraplex's to set
+    assert r.returncode == 2 and "--enable-lora is set by loraplex" in r.stderr
+    r = run("--enable-auto-tool-choice", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "--tool-call-parser" in r.stderr
