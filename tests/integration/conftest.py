@@ -119,6 +119,9 @@ def cluster(tiny_base, adapter_dirs, tmp_path_factory):
     metrics_port = free_port()
     c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "2", "--max-cpu-loras", "8",
                        "--metrics-top-adapters", "10000", "--metrics-port", str(metrics_port), "--body-timeout-s", "2",
+                       # A vLLM engine argument loraplex passes through unread: compact JSON, so that a
+                       # tiny random model's structured outputs end within max_tokens.
+                       "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
                        *[a for r in sorted(roots) for a in ("--lora-roots", r)], name="main", grpc=True)
     c.metrics_port = metrics_port
     yield c

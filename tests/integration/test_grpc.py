@@ -290,8 +290,8 @@ def test_permission_denied_for_another_tenant_without_admin(g):
     ("max_tokens", dict(max_tokens=0)),
     ("temperature", dict(temperature=2.5)),
     ("top_p", dict(top_p=0.0)),
-    ("n", dict(n=17)),
-    ("stop", dict(stop=["a", "b", "c", "d", "e"])),
+    ("n", dict(n=129)),
+    ("stop", dict(stop=["a"] * 65)),
     ("logprobs", dict(logprobs=21)),
     ("prompt", dict(prompt="")),
     ("model", dict(model="")),
@@ -357,3 +357,16 @@ def test_health_and_reflection(g):
         assert {"loraplex.v1.Inference", "loraplex.v1.Adapters", "grpc.health.v1.Health"} <= set(db.get_services())
         generate_rpc = DescriptorPool(db).FindServiceByName("loraplex.v1.Inference").methods_by_name["Generate"]
         assert generate_rpc.server_streaming and generate_rpc.output_type.full_name == "loraplex.v1.GenerateResponse"
+
+
+def test_x_request_id_metadata_round_trips(g):
+    call = g.inference.Generate(ipb.GenerateRequest(model="tiny", prompt="hi", max_tokens=2),
+                                metadata=(*g.grpc_auth("alice"), ("x-request-id", "grpc-trace-7")))
+    assert dict(call.initial_metadata())["x-request-id"] == "grpc-trace-7"
+    assert list(call)
+    call = g.inference.Generate(ipb.GenerateRequest(model="tiny", prompt="hi", max_tokens=2),
+                                metadata=g.grpc_auth("alice"))
+    assert dict(call.initial_metadata())["x-request-id"].startswith("grpc-")
+    err = error_of(lambda: g.inference.Generate(ipb.GenerateRequest(model="tiny", prompt="hi", max_tokens=2),
+                                                metadata=(*g.grpc_auth("alice"), ("x-request-id", "bad id"))))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and trailers(err)["loraplex-field"] == "X-Request-Id"

@@ -24,7 +24,7 @@ from server.api.grpc.pb import inference_pb2 as ipb
 from server.api.grpc.pb import inference_pb2_grpc
 from tests.integration.server_proc import ServerProcess, create_tenant, free_port
 
-GRACE_S = 3
+GRACE_S = 2
 
 
 def _self_signed(directory):
@@ -101,9 +101,9 @@ def test_https_and_grpc_over_tls(tls):
                                                   verify=str(certfile)).text
 
 
-def _stream(server, key, max_tokens: int, out: dict, started: threading.Event) -> None:
+def _stream(server, key, max_tokens: int, n: int, out: dict, started: threading.Event) -> None:
     body = {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "n": 4, "temperature": 1.0}
+            "n": n, "temperature": 1.0}
     events = []
     with _https(server, key) as h, h.stream("POST", "/v1/completions", json=body) as r:
         out["status"] = r.status_code
@@ -114,23 +114,70 @@ def _stream(server, key, max_tokens: int, out: dict, started: threading.Event) -
     out["events"] = events
 
 
+def _slow_stream(server, key, out: dict, started: threading.Event, fast: threading.Event) -> None:
+    """A client slower than any engine until ``fast`` is set: a 4 KiB receive window, 512 bytes
+    read every 20 ms, for a stream (128 choices x 240 tokens, ~7 MB of events) larger than the
+    server's socket buffers. So on any host the request is still in flight when the grace ends;
+    then the client reads the rest at once."""
+    import socket
+    import ssl
+
+    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 240, "stream": True, "ignore_eos": True,
+                       "n": 128, "temperature": 1.0}).encode()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", server.port))
+    context = ssl.create_default_context(cafile=server.verify)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while chunk := s.recv(512 if not fast.is_set() else 1 << 20):
+            data += chunk
+            started.set()
+            if not fast.is_set():
+                time.sleep(0.02)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    out["status"] = int(head.split()[1])
+    text = _dechunk(rest).decode(errors="replace")
+    out["events"] = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+
+
+def _dechunk(body: bytes) -> bytes:
+    out, i = b"", 0
+    while i < len(body):
+        j = body.index(b"\r\n", i)
+        size = int(body[i:j], 16)
+        if size == 0:
+            break
+        out += body[j + 2:j + 2 + size]
+        i = j + 2 + size + 2
+    return out
+
+
 def test_sigterm_drains_both_fronts_then_exits_0(tls):
     server, key, certfile, grpc_port, _ = tls
     long_out, short_out, grpc_out = {}, {}, {}
     long_started, short_started, grpc_started = threading.Event(), threading.Event(), threading.Event()
-    long_t = threading.Thread(target=_stream, args=(server, key, 240, long_out, long_started))
+    fast = threading.Event()  # set once the grace is over: the slow clients then read what is left
+    long_t = threading.Thread(target=_slow_stream, args=(server, key, long_out, long_started, fast))
     long_t.start()
     assert long_started.wait(60)
 
     def grpc_stream():
-        with _secure_channel(grpc_port, certfile) as channel:
+        # A 64 KiB HTTP/2 window that never grows, read slowly: in flight past the grace too.
+        options = (("grpc.http2.bdp_probe", 0),)
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", grpc.ssl_channel_credentials(certfile.read_bytes()),
+                                 options) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             call = stub.Generate(ipb.GenerateRequest(model="tiny", prompt="hello", max_tokens=240, ignore_eos=True,
-                                                     n=4, temperature=1.0),
+                                                     n=16, temperature=1.0),
                                  metadata=(("authorization", f"Bearer {key}"),), timeout=120)
             try:
                 for _ in call:
                     grpc_started.set()
+                    if not fast.is_set():
+                        time.sleep(0.02)
                 grpc_out["code"] = grpc.StatusCode.OK
             except grpc.RpcError as e:
                 grpc_out["code"], grpc_out["details"] = e.code(), e.details()
@@ -138,7 +185,7 @@ def test_sigterm_drains_both_fronts_then_exits_0(tls):
     grpc_t = threading.Thread(target=grpc_stream)
     grpc_t.start()
     assert grpc_started.wait(60)
-    short_t = threading.Thread(target=_stream, args=(server, key, 8, short_out, short_started))
+    short_t = threading.Thread(target=_stream, args=(server, key, 4, 1, short_out, short_started))
     short_t.start()
     assert short_started.wait(60)
 
@@ -161,12 +208,15 @@ def test_sigterm_drains_both_fronts_then_exits_0(tls):
         except grpc.RpcError as e:  # or the listener already refuses new calls
             assert e.code() == grpc.StatusCode.UNAVAILABLE
 
-    for t in (short_t, long_t, grpc_t):
+    short_t.join(60)
+    time.sleep(max(0.0, t0 + GRACE_S + 2 - time.time()))  # past the grace: the server has cut the rest
+    fast.set()
+    for t in (long_t, grpc_t):
         t.join(60)
     # The short stream finished on its own, within the grace.
     assert short_out["status"] == 200 and short_out["events"][-1] == "[DONE]"
     finishes = [c["finish_reason"] for e in short_out["events"][:-1] for c in json.loads(e).get("choices", [])]
-    assert finishes.count("length") == 4
+    assert finishes.count("length") == 1
     # The long one ran past it and ended with a final error event, then [DONE].
     assert long_out["status"] == 200 and long_out["events"][-1] == "[DONE]"
     last = json.loads(long_out["events"][-2])

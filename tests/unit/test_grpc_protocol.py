@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from pydantic import ValidationError
 
 from server.api.grpc import protocol
 from server.api.grpc.pb import adapters_pb2 as apb
@@ -13,19 +12,26 @@ from server.api.grpc.pb import inference_pb2 as ipb
 from server.api.http.protocol import ChatCompletionRequest, CompletionRequest
 from server.errors import InvalidArgument, PayloadTooLarge
 
-# Each field at and just past its bounds: both fronts must agree on every one.
+# Each field at and just past its bounds: both fronts check them in one place (Sampling), and
+# must agree on every one.
 EDGES = [("max_tokens", v) for v in (0, 1, 4096)] + [("temperature", v) for v in (0.0, 2.0, 2.01)] + \
-        [("top_p", v) for v in (0.0, 1e-9, 1.0, 1.01)] + [("n", v) for v in (0, 1, 16, 17)] + \
-        [("logprobs", v) for v in (0, 20, 21)] + [("stop", ["a"] * k) for k in (4, 5)] + [("seed", 2**40)]
+        [("top_p", v) for v in (0.0, 1e-9, 1.0, 1.01)] + [("n", v) for v in (0, 1, 128, 129)] + \
+        [("logprobs", v) for v in (0, 20, 21)] + [("stop", ["a"] * k) for k in (64, 65)] + [("seed", 2**40)]
+
+
+def _http(field, value):
+    req = CompletionRequest(model="m", prompt="p", **{field: value})
+    return req.sampling(max_tokens=req.max_tokens, logprobs=req.logprobs)
 
 
 @pytest.mark.parametrize("field, value", EDGES)
 def test_sampling_bounds_match_the_http_api(field, value):
     try:
-        CompletionRequest(model="m", prompt="p", **{field: value})
+        _http(field, value)
         http_ok = True
-    except ValidationError:
+    except InvalidArgument as exc:
         http_ok = False
+        assert exc.field == field
     try:
         protocol.sampling(ipb.GenerateRequest(model="m", prompt="p", **{field: value}))
         grpc_ok = True
@@ -37,9 +43,11 @@ def test_sampling_bounds_match_the_http_api(field, value):
 
 def test_unset_fields_take_the_http_defaults():
     http = CompletionRequest(model="m", prompt="p")
-    assert protocol.sampling(ipb.GenerateRequest(model="m", prompt="p")) == http.sampling(http.logprobs)
+    assert protocol.sampling(ipb.GenerateRequest(model="m", prompt="p")) == \
+        http.sampling(max_tokens=http.max_tokens, logprobs=http.logprobs)
     http_chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}])
-    assert protocol.sampling(ipb.ChatRequest(model="m")) == http_chat.sampling()
+    assert protocol.sampling(ipb.ChatRequest(model="m")) == \
+        http_chat.sampling(max_tokens=http_chat.output_tokens(), logprobs=None)
     chat = ipb.ChatRequest(model="m", max_tokens=5, temperature=0, stop=["x"], seed=3, logprobs=2, ignore_eos=True)
     s = protocol.sampling(chat)
     assert (s.max_tokens, s.temperature, s.stop, s.seed, s.logprobs, s.ignore_eos) == (5, 0.0, ("x",), 3, 2, True)

@@ -40,20 +40,20 @@ def service(tmp_path, tokenizer):
 def test_a_template_that_refuses_the_conversation_is_a_400(service, tokenizer):
     tokenizer.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversation roles "
                                "must start with user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    ok = asyncio.run(service.render_chat([{"role": "user", "content": "hi"}]))
+    ok = asyncio.run(service.prompts.render_chat([{"role": "user", "content": "hi"}]))
     assert ok
     with pytest.raises(InvalidArgument, match="must start with user") as e:
-        asyncio.run(service.render_chat([{"role": "assistant", "content": "hi"}]))
+        asyncio.run(service.prompts.render_chat([{"role": "assistant", "content": "hi"}]))
     assert e.value.field == "messages"
 
 
 def test_prompts_over_the_character_cap_are_refused_untokenized(service):
-    assert service.max_prompt_chars == 64 * 64  # default: 64 characters per token of context
+    assert service.prompts.max_chars == 64 * 64  # default: 64 characters per token of context
     with pytest.raises(InvalidArgument, match="--max-prompt-chars") as e:
-        asyncio.run(service.encode("x" * (64 * 64 + 1)))
+        asyncio.run(service.prompts.encode("x" * (64 * 64 + 1)))
     assert e.value.field == "prompt"
-    long = asyncio.run(service.encode("hello world " * 300))  # large: tokenized in a worker thread
-    assert long == asyncio.run(service.encode("hello world " * 300)) and len(long) > 300
+    long = asyncio.run(service.prompts.encode("hello world " * 300))  # large: tokenized in a worker thread
+    assert long == asyncio.run(service.prompts.encode("hello world " * 300)) and len(long) > 300
 
 
 @pytest.mark.parametrize("ids", [[1, len], [1, -1], [1, 10**12], [True, 2]])
@@ -62,6 +62,6 @@ def test_token_ids_must_be_in_the_vocabulary(service, ids, tokenizer):
 
     ids = [len(tokenizer) if x is len else x for x in ids]
     with pytest.raises(InvalidArgument, match="vocabulary") as e:
-        service.prepare(Principal("acme", Role.TENANT), "tiny-llama", ids, Sampling(max_tokens=4),
-                        prompt_field="prompt", client_ids=True)
+        service.inference.prepare(Principal("acme", Role.TENANT), "tiny-llama", [ids], Sampling(max_tokens=4),
+                                  prompt_field="prompt", client_ids=True)
     assert e.value.field == "prompt"

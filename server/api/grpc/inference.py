@@ -17,7 +17,8 @@ import grpc
 from server.api.grpc import protocol
 from server.api.grpc.pb import inference_pb2 as ipb
 from server.api.grpc.pb import inference_pb2_grpc
-from server.service import Generation, Service, Usage
+from server.inference.generation import Generation, Usage
+from server.service import Service
 from server.tenants.store import Principal
 
 
@@ -27,16 +28,17 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def Generate(self, request: ipb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         principal = self.service.authenticate(protocol.authorization(context))
-        gen = self.service.prepare(principal, request.model, await protocol.prompt_ids(self.service, request),
-                                   protocol.sampling(request), prompt_field="prompt",
-                                   client_ids=bool(request.prompt_token_ids))
+        gen = self.service.inference.prepare(principal, request.model,
+                                             [await protocol.prompt_ids(self.service, request)],
+                                             protocol.sampling(request), prompt_field="prompt",
+                                             client_ids=bool(request.prompt_token_ids))
         await self._stream(principal, gen, "generate", context)
 
     async def Chat(self, request: ipb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         principal = self.service.authenticate(protocol.authorization(context))
-        ids = await self.service.render_chat(protocol.messages(request))
-        gen = self.service.prepare(principal, request.model, ids, protocol.sampling(request),
-                                   prompt_field="messages")
+        ids = await self.service.prompts.render_chat(protocol.messages(request))
+        gen = self.service.inference.prepare(principal, request.model, [ids], protocol.sampling(request),
+                                             prompt_field="messages")
         await self._stream(principal, gen, "chat", context)
 
     async def ListModels(self, request: ipb.ListModelsRequest,
@@ -49,14 +51,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """Write each delta as it comes; usage rides on the message that finishes the last choice."""
         usage, finished = Usage(prompt_tokens=len(gen.prompt_ids)), 0
-        admission = await self.service.admit(principal, gen, protocol="grpc", endpoint=endpoint)
+        inference = self.service.inference
+        rid = protocol.request_id(context)
+        admission = await inference.admit(principal, gen, protocol="grpc", endpoint=endpoint, request_id=rid)
         try:
-            deltas = self.service.generate(principal, gen, admission, protocol="grpc", endpoint=endpoint)
+            await context.send_initial_metadata((("x-request-id", rid),))
+            deltas = inference.generate(principal, gen, admission, protocol="grpc", endpoint=endpoint)
             async with aclosing(deltas):
                 async for d in deltas:
                     usage.completion_tokens += len(d.token_ids)
                     finished += d.finish_reason is not None
-                    await context.write(protocol.delta(d, usage if finished == gen.sampling.n else None))
+                    await context.write(protocol.delta(d, usage if finished == gen.sampling.n else None,
+                                                       k=gen.sampling.logprobs or 0))
         finally:
             admission.release()  # a handler cancelled before its first delta never ran the stream's own
         if finished < gen.sampling.n:  # the engine ended a choice without a reason: still report usage

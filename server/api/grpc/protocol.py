@@ -20,7 +20,9 @@ from server.api.grpc.pb import adapters_pb2 as apb
 from server.api.grpc.pb import inference_pb2 as ipb
 from server.engine.types import Completion, Sampling
 from server.errors import InvalidArgument
-from server.service import ModelCard, Service, Usage
+from server.inference import generation
+from server.inference.generation import Usage
+from server.service import ModelCard, Service
 
 ROLES = {ipb.ROLE_SYSTEM: "system", ipb.ROLE_USER: "user", ipb.ROLE_ASSISTANT: "assistant",
          ipb.ROLE_DEVELOPER: "developer"}
@@ -32,6 +34,12 @@ def authorization(context: grpc.aio.ServicerContext) -> str | None:
         if key == "authorization":
             return value
     return None
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    """The ``x-request-id`` metadata value, or a new id."""
+    given = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+    return generation.request_id(given, "grpc")
 
 
 # ---------------------------------------------------------------- requests
@@ -47,21 +55,14 @@ COMPLETION_MAX_TOKENS = 16
 
 
 def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
-    """The sampling fields of a Generate or Chat request, with the HTTP API's bounds and defaults."""
-    def opt(name: str, default):
+    """The sampling fields of a Generate or Chat request; :class:`Sampling` checks them, with the
+    HTTP API's bounds, and unset ones take the same defaults as over HTTP."""
+    def opt(name: str, default=None):
         return getattr(req, name) if req.HasField(name) else default
 
-    max_tokens = opt("max_tokens", COMPLETION_MAX_TOKENS if isinstance(req, ipb.GenerateRequest) else None)
-    temperature, top_p = opt("temperature", 1.0), opt("top_p", 1.0)
-    n, seed, logprobs, stop = opt("n", 1), opt("seed", None), opt("logprobs", None), tuple(req.stop)
-    _check("max_tokens", max_tokens is None or max_tokens >= 1, "at least 1", max_tokens)
-    _check("temperature", 0.0 <= temperature <= 2.0, "between 0 and 2", temperature)
-    _check("top_p", 0.0 < top_p <= 1.0, "above 0 and at most 1", top_p)
-    _check("n", 1 <= n <= 16, "between 1 and 16", n)
-    _check("stop", len(stop) <= 4, "at most 4 stop sequences", len(stop))
-    _check("logprobs", logprobs is None or logprobs <= 20, "between 0 and 20", logprobs)
-    return Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, n=n, stop=stop, seed=seed,
-                    logprobs=logprobs, ignore_eos=req.ignore_eos)
+    return Sampling(max_tokens=opt("max_tokens", COMPLETION_MAX_TOKENS if isinstance(req, ipb.GenerateRequest) else None),
+                    temperature=opt("temperature"), top_p=opt("top_p"), n=opt("n", 1), stop=tuple(req.stop),
+                    seed=opt("seed"), logprobs=opt("logprobs"), ignore_eos=req.ignore_eos)
 
 
 async def prompt_ids(service: Service, req: ipb.GenerateRequest) -> list[int]:
@@ -69,7 +70,7 @@ async def prompt_ids(service: Service, req: ipb.GenerateRequest) -> list[int]:
         raise InvalidArgument("send prompt or prompt_token_ids, not both", field="prompt")
     if req.prompt_token_ids:
         return list(req.prompt_token_ids)
-    return await service.encode(req.prompt)
+    return await service.prompts.encode(req.prompt, add_special_tokens=True)  # as HTTP completions (vLLM's default)
 
 
 def messages(req: ipb.ChatRequest) -> list[dict]:
@@ -118,11 +119,12 @@ def usage(u: Usage) -> ipb.Usage:
                      total_tokens=u.total_tokens)
 
 
-def delta(d: Completion, final_usage: Usage | None = None) -> ipb.GenerateResponse:
+def delta(d: Completion, final_usage: Usage | None = None, *, k: int = 0) -> ipb.GenerateResponse:
+    """One choice's delta; each token's ``top`` holds its k most likely alternatives."""
     msg = ipb.GenerateResponse(index=d.index, text=d.text, token_ids=d.token_ids,
                                finish_reason=d.finish_reason or "")
     for lp in d.logprobs or ():
-        msg.logprobs.add(token=lp.token, logprob=lp.logprob, top=lp.top)
+        msg.logprobs.add(token=lp.token, logprob=lp.logprob, top=dict(lp.top[:max(k, 1)]))
     if final_usage is not None:
         msg.usage.CopyFrom(usage(final_usage))
     return msg

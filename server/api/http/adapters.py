@@ -103,7 +103,8 @@ async def unpin(name: str, tenant: str | None = None, principal: Principal = Dep
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(req: LoadLoraRequest, principal: Principal = Depends(deps.principal),
                             service: Service = Depends(deps.service)):
-    await service.adapters.load_from_path(principal, req.lora_name, req.lora_path, req.tenant)
+    await service.adapters.load_from_path(principal, req.lora_name, req.lora_path, req.tenant,
+                                          replace=req.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
 

@@ -75,6 +75,10 @@ def install(app: FastAPI) -> None:
             return JSONResponse(body("the request body is not valid JSON", "invalid_request_error", None,
                                      "invalid_json"), status_code=400)
         param = _loc(tuple(first["loc"]))
+        if first.get("type") == "extra_forbidden":  # a parameter loraplex does not know: refused, not ignored
+            return JSONResponse(body(f"{param} is not a parameter loraplex supports (nothing is silently ignored; "
+                                     "see the README's parameter table)", "invalid_request_error", param,
+                                     "unsupported_parameter"), status_code=400)
         msg = "; ".join(f"{_loc(tuple(x['loc']))}: {x['msg']}" for x in errs[:5])
         return JSONResponse(body(msg, "invalid_request_error", param, "invalid_type"
                                  if "type" in first.get("type", "") else "invalid_value"), status_code=400)
