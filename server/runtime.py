@@ -131,7 +131,7 @@ async def serve(settings: Settings) -> None:
         service.inference.start_draining()
         steps = [service.inference.drain(settings.shutdown_grace_s)]
         if grpc_server is not None:  # NOT_SERVING and refusing new calls at once, like HTTP
-            steps.append(grpc_server.stop(settings.shutdown_grace_s + 5))
+            steps.append(grpc_server.stop(settings.shutdown_grace_s + 30))  # a backstop: the drain ends them first
         await asyncio.gather(*steps)
         for server in servers:
             server.should_exit = True

@@ -171,7 +171,7 @@ def test_sigterm_drains_both_fronts_then_exits_0(tls):
                                  options) as channel:
             stub = inference_pb2_grpc.InferenceStub(channel)
             call = stub.Generate(ipb.GenerateRequest(model="tiny", prompt="hello", max_tokens=240, ignore_eos=True,
-                                                     n=16, temperature=1.0),
+                                                     n=64, temperature=1.0),
                                  metadata=(("authorization", f"Bearer {key}"),), timeout=120)
             try:
                 for _ in call:
