@@ -188,12 +188,30 @@ def setup(args: FitArgs) -> Setup:
 # ---------------------------------------------------------------- fit
 
 
-def _peak_memory_bytes(rss_before: int) -> int:
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's resident high-water mark (VmHWM) at the current
+    RSS, so that the peak read after the fit is the fit's own, not that of
+    whatever the process did before (a test session, a notebook)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_memory() -> tuple[int, str]:
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    # ru_maxrss is KiB on Linux: the process's high-water mark, less what it
-    # held before the model was loaded.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        return torch.cuda.max_memory_allocated(), "cuda_max_allocated"
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "process_peak_rss"
+    except OSError:
+        pass
+    # ru_maxrss is KiB on Linux and never resets: the process's lifetime peak.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_lifetime_peak_rss"
 
 
 def _to_tensors(batch: data_mod.Batch, device: str) -> dict:
@@ -244,9 +262,10 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
     args, out_dir = s.args, s.args.out_dir
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    else:
+        _reset_peak_rss()
 
     model = load_base(s.base, s.precision, skip_modules=bnb_skip_modules(args.recipe))
     if s.precision.load_4bit:
@@ -370,7 +389,7 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
                            pad_id=pad, device=s.precision.device)
     ev_loss = eval_loss(model, s.dataset.eval, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
                         pad_id=pad, device=s.precision.device)
-    peak = _peak_memory_bytes(rss_before)
+    peak, peak_kind = _peak_memory()
     log.write(json.dumps({"step": step, "train_loss": train_loss, "eval_loss": ev_loss}) + "\n")
     log.close()
 
@@ -393,7 +412,7 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
         "train_seconds": round(train_time, 2),
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else None,
         "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda_max_allocated" if torch.cuda.is_available() else "process_rss_delta",
+        "peak_memory_kind": peak_kind,
         "planned_memory_bytes": planned.mode("qlora" if args.load_4bit else "lora").total,
     }
     manifest = save(model, s, metrics)
