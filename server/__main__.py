@@ -6,6 +6,7 @@
                                          [--max-concurrency N] [--max-inflight-tokens N]
     python -m server tenants list
     python -m server tenants revoke NAME
+    python -m server registry migrate --to postgresql://... [--store-url s3://...]
 
 Every serve flag also reads from LORAPLEX_<FLAG> and from a TOML --config file.
 """
@@ -22,14 +23,16 @@ import typer
 tenants_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                           help="Create, list and revoke tenants and their API keys.")
 DataDir = Annotated[str | None, typer.Option(help="Server data directory (default: as the server's --data-dir).")]
+RegistryUrl = Annotated[str | None, typer.Option(
+    help="The shared registry, postgresql://... (default: as the server's --registry-url, else SQLite in --data-dir).")]
 
 
-def _db(data_dir: str | None):
+def _db(data_dir: str | None, registry_url: str | None = None):
     from server.config import Settings
     from server.runtime import open_db
 
-    settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
-    return open_db(settings)
+    given = {"data_dir": data_dir, "registry_url": registry_url}
+    return open_db(Settings(**{k: v for k, v in given.items() if v}))
 
 
 @tenants_app.command("create")
@@ -42,13 +45,13 @@ def create(name: str,
                help="Inference requests in flight at once before 429.")] = 64,
            max_inflight_tokens: Annotated[int, typer.Option(
                help="Tokens (max_tokens x n) the tenant's running requests may hold before 429.")] = 262144,
-           data_dir: DataDir = None) -> None:
+           data_dir: DataDir = None, registry_url: RegistryUrl = None) -> None:
     """Create a tenant and print its API key. The key is shown once; only its hash is stored."""
     from server.errors import LoraplexError
     from server.tenants.store import Quotas, Role, TenantStore
 
     try:
-        key = TenantStore(_db(data_dir)).create(
+        key = TenantStore(_db(data_dir, registry_url)).create(
             name, Role.ADMIN if admin else Role.TENANT,
             Quotas(max_adapters=max_adapters, max_rank=max_rank, requests_per_minute=rpm,
                    max_concurrent_requests=max_concurrency, max_inflight_tokens=max_inflight_tokens))
@@ -59,11 +62,11 @@ def create(name: str,
 
 
 @tenants_app.command("list")
-def list_(data_dir: DataDir = None) -> None:
+def list_(data_dir: DataDir = None, registry_url: RegistryUrl = None) -> None:
     """List tenants (never their keys)."""
     from server.tenants.store import TenantStore
 
-    for t in TenantStore(_db(data_dir)).list():
+    for t in TenantStore(_db(data_dir, registry_url)).list():
         state = "revoked" if t.revoked else "active"
         typer.echo(f"{t.name:24} {t.role.value:7} {state:8} key {t.key_prefix}...  max_adapters={t.quotas.max_adapters} "
                    f"max_rank={t.quotas.max_rank} rpm={t.quotas.requests_per_minute} "
@@ -71,13 +74,13 @@ def list_(data_dir: DataDir = None) -> None:
 
 
 @tenants_app.command("revoke")
-def revoke(name: str, data_dir: DataDir = None) -> None:
-    """Revoke a tenant's key: it stops authenticating at once."""
+def revoke(name: str, data_dir: DataDir = None, registry_url: RegistryUrl = None) -> None:
+    """Revoke a tenant's key: every server sharing the registry refuses it within a second."""
     from server.errors import LoraplexError
     from server.tenants.store import TenantStore
 
     try:
-        TenantStore(_db(data_dir)).revoke(name)
+        TenantStore(_db(data_dir, registry_url)).revoke(name)
     except LoraplexError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -123,6 +126,41 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             mine += [f"{name}={inline}" if eq else name, *values]
     return mine, rest
+
+
+registry_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                           help="The registry several servers share.")
+
+
+@registry_app.callback()
+def _registry() -> None:
+    """The registry several servers share."""
+
+
+@registry_app.command("migrate")
+def migrate(to: Annotated[str, typer.Option(help="The shared registry to copy into: postgresql://user@host/db.")],
+            store_url: Annotated[str | None, typer.Option(
+                help="Object storage to copy the blobs into (s3://bucket/prefix); default: they stay in the "
+                     "data directory's store.")] = None,
+            data_dir: DataDir = None) -> None:
+    """Copy a data directory's SQLite registry (tenants, keys, adapters) and its blobs into a shared
+    registry and store. Running it again copies nothing."""
+    from server.config import Settings
+    from server.migrate import migrate as run
+
+    settings = Settings(**({"data_dir": data_dir} if data_dir else {}))
+    store = None
+    try:
+        if store_url:
+            from server.adapters.remote import RemoteStore
+
+            store = RemoteStore(store_url, settings.data_dir / "adapters", cache_bytes=settings.blob_cache_bytes)
+        copied = run(settings.data_dir, to, store)
+    except Exception as e:  # noqa: BLE001 -- a CLI: say what failed, exit 2
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"copied {copied.tenants} tenants, {copied.adapters} adapter versions, {copied.blobs} blobs; "
+               f"{len(copied.skipped)} already there")
 
 
 def serve(argv: list[str]) -> None:
@@ -174,6 +212,8 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["tenants"]:
         tenants_app(argv[1:], prog_name="python -m server tenants")
+    elif argv[:1] == ["registry"]:
+        registry_app(argv[1:], prog_name="python -m server registry")
     else:
         serve(argv[1:] if argv[:1] == ["serve"] else argv)
 

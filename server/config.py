@@ -145,7 +145,19 @@ class Settings(BaseSettings):
     grpc_ssl_keyfile: Path | None = None
     """PEM private key for --grpc-ssl-certfile; default: --ssl-keyfile."""
     data_dir: Path = Field(default_factory=_default_data_dir)
-    """Registry (SQLite) and the content-addressed adapter store live here."""
+    """This server's own files: the SQLite registry and the adapter store unless the two URLs below
+    move them, the local cache of a remote store's blobs, and uploads being staged."""
+    registry_url: str | None = None
+    """The registry database shared by several servers: postgresql://user:password@host/db
+    (default: SQLite in --data-dir)."""
+    store_url: str | None = None
+    """The adapter store shared by several servers: s3://bucket/prefix, credentials and endpoint from the
+    AWS_* environment (default: a directory in --data-dir)."""
+    rate_limit_url: str | None = None
+    """Where requests per minute are counted for every server: redis://host:port (default: in this
+    process, so each server counts its own)."""
+    blob_cache_bytes: int = Field(20 << 30, ge=1 << 20)
+    """With --store-url: bytes of blobs this server keeps on local disk for vLLM to load (LRU)."""
     metrics_top_adapters: int = Field(20, ge=0)
     """Per-adapter metric labels are kept for this many busiest adapters; the rest are 'other'."""
 

@@ -91,6 +91,15 @@ class ShuttingDown(EngineNotReady):
     code = "server_shutting_down"
 
 
+class StoreUnavailable(LoraplexError):
+    """The shared adapter store (object storage) did not answer: what needs it -- a cold adapter
+    not in the local cache, an upload -- waits; loaded and cached adapters keep serving."""
+
+    type = "server_error"
+    code = "store_unavailable"
+    retry_after = 5.0
+
+
 class AdapterLoadFailed(LoraplexError):
     """vLLM could not load an adapter the server had accepted (its blob is damaged, or the
     installed vLLM refuses what an earlier one took). Only that adapter's requests fail."""

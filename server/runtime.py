@@ -36,8 +36,18 @@ logger = logging.getLogger(__name__)
 
 
 def open_db(settings: Settings) -> Database:
+    """The registry: --registry-url (PostgreSQL, shared by several servers), else SQLite in --data-dir."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Database.in_data_dir(settings.data_dir)
+    return Database(settings.registry_url) if settings.registry_url else Database.in_data_dir(settings.data_dir)
+
+
+def open_store(settings: Settings):
+    """The adapter store: --store-url (object storage, shared), else a directory in --data-dir."""
+    if settings.store_url:
+        from server.adapters.remote import RemoteStore
+
+        return RemoteStore(settings.store_url, settings.data_dir / "adapters", cache_bytes=settings.blob_cache_bytes)
+    return AdapterStore(settings.data_dir / "adapters")
 
 
 def build(settings: Settings, *, engine=None) -> Service:
@@ -51,8 +61,8 @@ def build(settings: Settings, *, engine=None) -> Service:
     served = settings.served_name or (settings.base if settings.base == "smollm2-135m" else base.path.name)
     spec = BaseSpec.from_config(served, base.config, base.fingerprint)
     db = open_db(settings)
-    registry, store = AdapterRegistry(db), AdapterStore(settings.data_dir / "adapters")
-    counts = recover(registry, store)
+    registry, store = AdapterRegistry(db), open_store(settings)
+    counts = recover(registry, store, grace_s=settings.adapter_gc_grace_s if store.shared or db.shared else 0.0)
     if any(counts.values()):
         logger.warning("recovered from an unclean stop: %s", counts)
     if engine is None:
@@ -78,6 +88,26 @@ def build(settings: Settings, *, engine=None) -> Service:
                       metrics=Metrics(top_n=settings.metrics_top_adapters), tool_parser=tool_parser)
     register_state(service)
     return service
+
+
+REGISTRY_POLL_S = 0.25
+
+
+async def watch_registry(service: Service, *, poll_s: float = REGISTRY_POLL_S) -> None:
+    """Pick up what other servers (and the CLI) write to a shared registry: new, replaced and
+    deleted adapters, pins, tenants and revocations, within ``poll_s``."""
+    failing = False
+    while True:
+        await asyncio.sleep(poll_s)
+        try:
+            await service.refresh()
+            if failing:
+                logger.warning("the registry answers again")
+            failing = False
+        except Exception:
+            if not failing:  # once per outage, not every poll
+                logger.exception("polling the registry failed; serving from the last snapshot")
+            failing = True
 
 
 ENGINE_GAVE_UP = 3
@@ -169,6 +199,7 @@ async def serve(settings: Settings) -> None:
         # Shut the engine down here, not after serve() returns, so that it happens whatever
         # ends the server, before the process exits and orphans vLLM's engine-core processes.
         tasks = [asyncio.create_task(watch_engine(service, give_up)),
+                 asyncio.create_task(watch_registry(service)),
                  asyncio.create_task(service.adapters.gc_forever())]
         try:
             if settings.lora_modules:  # before the first request: /ready says 200 only after this

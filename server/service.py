@@ -17,6 +17,7 @@ adapter management (upload, replace, delete, pin, reclaiming) is
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from server.inference.generation import InferenceService
 from server.inference.prompts import Prompts
 from server.metrics import Metrics
 from server.tenants.auth import Authenticator
-from server.tenants.ratelimit import RateLimiter
+from server.tenants.ratelimit import RateLimiter, SharedRateLimiter
 from server.tenants.store import Principal, TenantStore
 
 logger = logging.getLogger(__name__)
@@ -60,35 +61,43 @@ class Service:
         """vLLM's --tool-call-parser, with --enable-auto-tool-choice (server/engine/tool_parsers.py)."""
         self.tenants = tenants
         self.auth = Authenticator(tenants)
-        self.limiter = RateLimiter()
+        self.limiter = SharedRateLimiter(settings.rate_limit_url) if settings.rate_limit_url else RateLimiter()
         self.registry = registry
         self.store = store
         self.metrics = metrics
         self.residency = ResidencyManager(engine, budget_bytes=settings.adapter_cache_bytes,
                                           max_entries=settings.max_cpu_loras, events=metrics,
                                           admission_timeout_s=settings.adapter_queue_timeout_s)
+        if hasattr(store, "in_use"):  # a remote store's local cache never evicts what vLLM may read
+            store.in_use = self.residency.digests
         self.adapters = AdapterService(settings, base_spec=base_spec, engine=engine, tenants=tenants,
                                        registry=registry, store=store, residency=self.residency,
                                        namespace=self.namespace)
         self.started = int(time.time())
         self._snapshot: dict[tuple[str, str], AdapterRecord] = {}
         self._snapshot_gen = -1
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
         self.prompts = Prompts(tokenizer, max_chars=settings.max_prompt_chars or 64 * settings.max_model_len,
                                max_model_len=settings.max_model_len,
                                model_dir=getattr(base, "path", None))
+        self.adapters.on_change = self.refresh
         self.inference = InferenceService(settings, engine=engine, prompts=self.prompts, residency=self.residency,
                                           store=store, metrics=metrics, resolve=self.resolve,
                                           is_current=self.is_current)
 
     # ------------------------------------------------------------ auth
 
-    def authenticate(self, authorization: str | None) -> Principal:
-        """The caller behind an Authorization header, its request rate charged. While the
-        server drains, every new request is refused first."""
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller behind an Authorization header, its request rate charged (in this process,
+        or in Redis for every server with --rate-limit-url). While the server drains, every new
+        request is refused first."""
         if self.draining:
             raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.registry.generation != self._snapshot_gen or self.auth.stale:
+            await self._reload()  # a write the watcher has polled but not loaded yet: load it off the loop
         principal = self.auth.authenticate(authorization)
-        self.limiter.check(principal)
+        await self.limiter.check(principal)
         return principal
 
     def namespace(self, principal: Principal, tenant: str | None) -> str:
@@ -106,10 +115,59 @@ class Service:
     # ------------------------------------------------------------ models
 
     def _adapters(self) -> dict[tuple[str, str], AdapterRecord]:
-        if self.registry.generation != self._snapshot_gen:
-            self._snapshot_gen = self.registry.generation
-            self._snapshot = self.registry.snapshot()
+        """Every active adapter, from memory. Requests never query the registry: the watcher
+        (:meth:`refresh`), each local write (``AdapterService.changed``) and :meth:`authenticate`
+        load newer snapshots off the event loop. Only code outside a request (a CLI, a test)
+        that reads before any load gets a blocking one."""
+        generation = self.registry.generation  # before the load: a write after it reloads again
+        if self._snapshot_gen < 0:
+            for key in self._install(self.registry.snapshot(), generation):
+                self._retire_soon(key)
         return self._snapshot
+
+    async def refresh(self) -> bool:
+        """Poll the registry's shared generation (off the event loop) and reload what changed;
+        ``server.runtime.watch_registry`` calls it a few times a second. True if it reloaded."""
+        generation = await asyncio.to_thread(self.registry.poll)
+        if generation == self._snapshot_gen and not self.auth.stale:
+            return False
+        await self._reload()
+        return True
+
+    async def _reload(self) -> None:
+        """Load the adapters and the principals of the generation last seen, in a thread, one
+        load at a time (requests that find the snapshot stale wait for the same load)."""
+        async with self._reloading:
+            generation = self.registry.generation
+            if generation != self._snapshot_gen:
+                snapshot = await asyncio.to_thread(self.registry.snapshot)
+                for key in self._install(snapshot, generation):
+                    await self.residency.retire(key)
+            if self.auth.stale:
+                await asyncio.to_thread(self.auth.reload)
+
+    def _install(self, snapshot: dict[tuple[str, str], AdapterRecord], generation: int) -> list[str]:
+        """Take a newer snapshot; returns the versions that left it (replaced or deleted, here or
+        through another server) and are in this server's engine: they drain out of it, as on a
+        local replace."""
+        if generation <= self._snapshot_gen:
+            return []
+        old, self._snapshot, self._snapshot_gen = self._snapshot, snapshot, generation
+        gone = []
+        for key, rec in old.items():
+            current = snapshot.get(key)
+            if (current is None or current.version != rec.version) and self.residency.get(rec.key) is not None:
+                gone.append(rec.key)
+        return gone
+
+    def _retire_soon(self, key: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a tool): nothing is serving
+            return
+        task = loop.create_task(self.residency.retire(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def resolve(self, principal: Principal, model: str) -> AdapterRecord | None:
         """``<base>`` -> None; ``<base>:<adapter>`` (or a bare adapter name) -> the caller's adapter."""

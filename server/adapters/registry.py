@@ -5,9 +5,11 @@ Replacing it adds version n+1 and marks n RETIRED; a retired row stays until
 the engine has drained requests still using it (:meth:`retired`, then
 :meth:`forget`), so its blob is not garbage-collected under them.
 
-The hot path must not query SQLite per request: :attr:`generation` goes up on
-every write, so a caller keeps :meth:`snapshot` and refreshes it only when the
-generation moved (read ``generation`` *before* taking the snapshot).
+The hot path must not query the database per request: :attr:`generation` (the
+database's shared counter, see ``server/db.py``) goes up on every write, by this
+server or another one sharing the registry, so a caller keeps :meth:`snapshot`
+and refreshes it only when the generation moved (read ``generation`` *before*
+taking the snapshot).
 
 Lookups are always by (caller's tenant, name): another tenant's adapter is
 indistinguishable from a missing one, down to the error message.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from server import failpoints
-from server.db import Database
+from server.db import Conn, Database, Row
 from server.errors import Conflict, InvalidArgument, NotFound, QuotaExceeded, TenantNotFound
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class AdapterRecord:
     """Kept resident on the GPU, never evicted."""
     created_at: float
     status: AdapterStatus
+    retired_at: float | None = None
 
     @property
     def key(self) -> str:
@@ -77,7 +79,14 @@ def not_found(name: str) -> NotFound:
 class AdapterRegistry:
     def __init__(self, db: Database):
         self._db = db
-        self.generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._db.generation
+
+    def poll(self) -> int:
+        """Read the shared generation from the database (blocking: call it off the event loop)."""
+        return self._db.poll()
 
     def add(self, tenant: str, name: str, digest: str, info: AdapterInfo, *, max_adapters: int) -> AdapterRecord:
         """Register a new adapter name for ``tenant``: version 1, or one past the last version a
@@ -86,13 +95,14 @@ class AdapterRegistry:
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM tenants WHERE name = ?", (tenant,)).fetchone() is None:
                 raise TenantNotFound(f"tenant {tenant!r} does not exist", field="tenant")
+            conn.lock_tenant(tenant)  # the count below holds against uploads through every server
             if _active(conn, tenant, name) is not None:
                 raise Conflict(f"adapter `{name}` already exists; replace it to upload a new version", field="name")
             count = conn.execute("SELECT COUNT(*) FROM adapters WHERE tenant = ? AND status = 'active'",
                                  (tenant,)).fetchone()[0]
             if count >= max_adapters:
                 raise QuotaExceeded(f"tenant {tenant!r} already has {count} adapters, its limit is {max_adapters}; "
-                                    "delete one first", retry_after=None, field="name")
+                                    "delete one first", field="name")
             record = _insert(conn, tenant, name, _next_version(conn, tenant, name), digest, info, pinned=False)
             failpoints.hit("registry.before_commit")
             return record
@@ -100,14 +110,16 @@ class AdapterRegistry:
     def replace(self, tenant: str, name: str, digest: str, info: AdapterInfo) -> tuple[AdapterRecord, AdapterRecord]:
         """Make a new version ACTIVE and the current one RETIRED; returns ``(new, old)``. Pinning carries over."""
         with self._write() as conn:
+            conn.lock_tenant(tenant)  # one writer per tenant at a time, across servers
             old = _active(conn, tenant, name)
             if old is None:
                 raise not_found(name)
-            conn.execute("UPDATE adapters SET status = 'retired' WHERE tenant = ? AND name = ? AND version = ?",
-                         (tenant, name, old.version))
+            retired_at = time.time()
+            conn.execute("UPDATE adapters SET status = 'retired', retired_at = ? WHERE tenant = ? AND name = ? "
+                         "AND version = ?", (retired_at, tenant, name, old.version))
             new = _insert(conn, tenant, name, _next_version(conn, tenant, name), digest, info, pinned=old.pinned)
             failpoints.hit("registry.before_commit")
-        return new, _replace(old, status=AdapterStatus.RETIRED)
+        return new, _replace(old, status=AdapterStatus.RETIRED, retired_at=retired_at)
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
         """The ACTIVE version of ``tenant``'s adapter ``name``."""
@@ -130,6 +142,7 @@ class AdapterRegistry:
     def delete(self, tenant: str, name: str) -> list[AdapterRecord]:
         """Remove every version of an adapter; returns them so the engine can unload each."""
         with self._write() as conn:
+            conn.lock_tenant(tenant)  # one writer per tenant at a time, across servers
             records = [_record(r) for r in conn.execute(
                 "SELECT * FROM adapters WHERE tenant = ? AND name = ? ORDER BY version", (tenant, name))]
             if not any(r.status is AdapterStatus.ACTIVE for r in records):
@@ -139,6 +152,7 @@ class AdapterRegistry:
 
     def set_pinned(self, tenant: str, name: str, pinned: bool) -> AdapterRecord:
         with self._write() as conn:
+            conn.lock_tenant(tenant)  # one writer per tenant at a time, across servers
             cur = conn.execute("UPDATE adapters SET pinned = ? WHERE tenant = ? AND name = ? AND status = 'active'",
                                (int(pinned), tenant, name))
             if cur.rowcount == 0:
@@ -179,23 +193,22 @@ class AdapterRegistry:
         with self._write() as conn:
             conn.execute("DELETE FROM adapters WHERE tenant = ? AND name = ? AND version = ?",
                          (new.tenant, new.name, new.version))
-            conn.execute("UPDATE adapters SET status = 'active' WHERE tenant = ? AND name = ? AND version = ?",
-                         (old.tenant, old.name, old.version))
+            conn.execute("UPDATE adapters SET status = 'active', retired_at = NULL WHERE tenant = ? AND name = ? "
+                         "AND version = ?", (old.tenant, old.name, old.version))
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._db.transaction() as conn:
+    def _write(self) -> Iterator[Conn]:
+        with self._db.transaction() as conn:  # bumps the shared generation when it commits
             yield conn
-            self.generation += 1  # under the database lock; only reached if the block did not raise
 
 
-def _active(conn: sqlite3.Connection, tenant: str, name: str) -> AdapterRecord | None:
+def _active(conn: Conn, tenant: str, name: str) -> AdapterRecord | None:
     row = conn.execute("SELECT * FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
                        (tenant, name)).fetchone()
     return None if row is None else _record(row)
 
 
-def _next_version(conn: sqlite3.Connection, tenant: str, name: str) -> int:
+def _next_version(conn: Conn, tenant: str, name: str) -> int:
     """One more than any version this name ever had, including deleted ones."""
     row = conn.execute("SELECT last_version FROM adapter_versions WHERE tenant = ? AND name = ?",
                        (tenant, name)).fetchone()
@@ -208,7 +221,7 @@ def _next_version(conn: sqlite3.Connection, tenant: str, name: str) -> int:
     return version
 
 
-def _insert(conn: sqlite3.Connection, tenant: str, name: str, version: int, digest: str, info: AdapterInfo,
+def _insert(conn: Conn, tenant: str, name: str, version: int, digest: str, info: AdapterInfo,
             *, pinned: bool) -> AdapterRecord:
     record = AdapterRecord(tenant, name, version, digest, info.rank, info.size_bytes, tuple(info.target_modules),
                            info.base_fingerprint, pinned, time.time(), AdapterStatus.ACTIVE)
@@ -220,9 +233,9 @@ def _insert(conn: sqlite3.Connection, tenant: str, name: str, version: int, dige
     return record
 
 
-def _record(row: sqlite3.Row) -> AdapterRecord:
+def _record(row: Row) -> AdapterRecord:
     return AdapterRecord(
         row["tenant"], row["name"], row["version"], row["digest"], row["rank"], row["size_bytes"],
         tuple(json.loads(row["target_modules"])), row["base_fingerprint"], bool(row["pinned"]),
-        row["created_at"], AdapterStatus(row["status"]),
+        row["created_at"], AdapterStatus(row["status"]), row.get("retired_at"),
     )

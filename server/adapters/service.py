@@ -61,6 +61,9 @@ class AdapterService:
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
         self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
+        self.on_change = None
+        """Awaited after each write (Service.refresh): the snapshot requests read from is reloaded
+        off the event loop before the write's response, not by the next request."""
         residency.on_drained = self._drained
 
     # ------------------------------------------------------------ upload
@@ -103,7 +106,7 @@ class AdapterService:
             load_seconds = time.perf_counter() - t0
             try:
                 async with self._store_lock:
-                    existed = self.store.exists(digest)
+                    existed = await asyncio.to_thread(self.store.exists, digest)
                     await asyncio.to_thread(self.store.put, staged.dir, digest=digest)
                     failpoints.hit("upload.blob_stored")
                     try:
@@ -127,6 +130,7 @@ class AdapterService:
                 await self._drop_from_engine(lora_id)  # no room without waiting: it loads on first use
         if old is not None:
             await self._retire(old)
+        await self.changed()
         return new
 
     async def upload(self, principal: Principal, name: str, *, files: list[UploadFile] | None = None,
@@ -241,26 +245,30 @@ class AdapterService:
         removed = await asyncio.to_thread(self.registry.delete, self.namespace(principal, tenant), name)
         for rec in removed:
             self._retiring.pop(rec.key, None)
-            self.store.release(rec.digest)
+            await asyncio.to_thread(self.store.release, rec.digest)
             await self.residency.retire(rec.key)
+        await self.changed()
         await self.gc()
         return removed
 
-    async def set_pinned(self, principal: Principal, name: str, pinned: bool, tenant: str | None = None) -> AdapterRecord:
+    async def set_pinned(self, principal: Principal, name: str, pinned: bool,
+                         tenant: str | None = None) -> AdapterRecord:
         ns = self.namespace(principal, tenant)
         rec = self.registry.get(ns, name)
         if pinned:  # pinning keeps it warm: load it first, and pin only once it is in
             await self.warm(rec, wait=True)
         await asyncio.to_thread(self.registry.set_pinned, ns, name, pinned)
         self.residency.set_pinned(rec.key, pinned)
+        await self.changed()
         return self.registry.get(ns, name)
 
     async def warm(self, rec: AdapterRecord, *, wait: bool = False) -> None:
         """Load a registered adapter into the engine's host tier now. If that needs room, the
         least recently used idle adapter leaves; with every adapter busy it raises
         :class:`AdapterCacheFull` at once unless ``wait``."""
-        entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)), rec.size_bytes,
-                                             digest=rec.digest, pinned=rec.pinned, wait=wait)
+        path = self.store.path(rec.digest) if self.residency.get(rec.key) else await self.store.local(rec.digest)
+        entry = await self.residency.acquire(rec.key, str(path), rec.size_bytes, digest=rec.digest, pinned=rec.pinned,
+                                             wait=wait)
         self.residency.release(entry)
 
     # ------------------------------------------------------------ reclaiming
@@ -279,6 +287,10 @@ class AdapterService:
             task = asyncio.get_running_loop().create_task(self._reclaim(old))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
 
     async def settled(self) -> None:
         """Until the reclaims in flight (row, then blob) are done."""
@@ -324,27 +336,54 @@ class AdapterService:
             await self.gc()
 
 
-def recover(registry: AdapterRegistry, store: AdapterStore) -> dict[str, int]:
-    """Repair what a crash left, before serving. Nothing is in flight yet, so retired rows and
-    unreferenced blobs go at once. Logs one line per thing repaired; returns the counts."""
+STALE_RETIRED_S = 600.0
+"""A retired version is drained by the server that retired it. With a shared registry, one
+retired longer ago than this (its server crashed before it forgot the row) is reclaimed by
+whichever server starts next."""
+
+
+def recover(registry: AdapterRegistry, store, *, grace_s: float = 0.0) -> dict[str, int]:
+    """Repair what a crash left, before serving; logs one line per thing repaired, returns the counts.
+
+    Alone on its registry and store (``grace_s`` 0) nothing is in flight yet, so retired rows and
+    unreferenced blobs go at once. Sharing them (``grace_s`` > 0), other servers may be mid-upload
+    or still draining: unreferenced blobs go only after their grace period, retired rows only
+    once stale (:data:`STALE_RETIRED_S`)."""
+    from server.errors import StoreUnavailable
+
     counts = {"staging": 0, "retired_rows": 0, "rows_without_blob": 0, "orphan_blobs": 0}
     for path in store.clean_staging():
         logger.warning("recovery: removed leftover staging directory %s (an upload cut short)", path.name)
         counts["staging"] += 1
-    for rec in registry.records():
-        if not store.exists(rec.digest) or not store.intact(rec.digest):
-            logger.error("recovery: adapter %s has no intact blob %s; dropping its row (upload it again)",
-                         rec.key, rec.digest)
-            registry.drop(rec)
-            counts["rows_without_blob"] += 1
+    try:
+        for rec in registry.records():
+            if not store.exists(rec.digest) or (not store.shared and not store.intact(rec.digest)):
+                logger.error("recovery: adapter %s has no intact blob %s; dropping its row (upload it again)",
+                             rec.key, rec.digest)
+                registry.drop(rec)
+                counts["rows_without_blob"] += 1
+    except StoreUnavailable as e:
+        logger.warning("recovery: the adapter store does not answer (%s); blobs not checked", e.message)
+    now = time.time()
     for rec in registry.retired():
-        logger.info("recovery: dropping retired version %s (nothing in flight after a restart)", rec.key)
+        if grace_s and now - (rec.retired_at or rec.created_at) < max(grace_s, STALE_RETIRED_S):
+            continue  # another server may still be draining it
+        logger.info("recovery: dropping retired version %s (nothing in flight on it)", rec.key)
         registry.forget(rec)
         counts["retired_rows"] += 1
-    for digest in sorted(store.digests() - registry.live_digests()):
-        logger.warning("recovery: removing adapter blob %s that no adapter refers to", digest)
-        store.delete(digest)
-        counts["orphan_blobs"] += 1
+    try:
+        live = registry.live_digests()
+        if grace_s:
+            removed = store.gc(live, grace_s=grace_s)
+        else:
+            removed = sorted(store.digests() - live)
+            for digest in removed:
+                store.delete(digest)
+        for digest in removed:
+            logger.warning("recovery: removed adapter blob %s that no adapter refers to", digest)
+        counts["orphan_blobs"] += len(removed)
+    except StoreUnavailable as e:
+        logger.warning("recovery: the adapter store does not answer (%s); unreferenced blobs stay for now", e.message)
     return counts
 
 

@@ -60,12 +60,15 @@ def combine_digests(file_digests: dict[str, str]) -> str:
     return outer.hexdigest()
 
 
-class AdapterStore:
+class LocalStaging:
+    """Uploads are staged on this server's disk whatever the store: ``<root>/.staging/``."""
+
+    shared = False
+    """Whether other servers share the store (then nothing is deleted without its grace)."""
+
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self._blobs = self.root / "sha256"
         self._staging = self.root / ".staging"
-        self._blobs.mkdir(parents=True, exist_ok=True)
         self._staging.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
@@ -76,6 +79,33 @@ class AdapterStore:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+    def clean_staging(self) -> list[Path]:
+        """Remove staging directories whose process is gone (a crash mid-upload); returns them."""
+        removed = []
+        for leftover in self._staging.iterdir():
+            owner = _owner(leftover.name)
+            if owner is not None and (owner == os.getpid() or _alive(owner)):
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed.append(leftover)
+        return removed
+
+
+class AdapterStore(LocalStaging):
+    """The default store: blob directories on this server's disk, which vLLM reads in place."""
+
+    def __init__(self, root: str | Path):
+        super().__init__(root)
+        self._blobs = self.root / "sha256"
+        self._blobs.mkdir(parents=True, exist_ok=True)
+
+    async def local(self, digest: str) -> Path:
+        """The blob's directory for vLLM to load (here it always is local)."""
+        return self.path(digest)
 
     def put(self, staging_dir: Path, *, digest: str | None = None) -> tuple[str, Path]:
         """Move a staged adapter into the store; returns ``(digest, path)``. An identical blob
@@ -108,14 +138,6 @@ class AdapterStore:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_dir()
-
-    def reuse(self, digest: str) -> bool:
-        """Refer to a blob already stored (fresh again for gc's grace period); False if absent."""
-        try:
-            os.utime(self.path(digest))
-            return True
-        except FileNotFoundError:
-            return False
 
     def release(self, digest: str) -> None:
         """The last version using this blob was deleted or retired: its grace period starts now."""
@@ -160,26 +182,13 @@ class AdapterStore:
         self.clean_staging()
         return removed
 
-    def clean_staging(self) -> list[Path]:
-        """Remove staging directories whose process is gone (a crash mid-upload); returns them."""
-        removed = []
-        for leftover in self._staging.iterdir():
-            owner = _owner(leftover.name)
-            if owner is not None and (owner == os.getpid() or _alive(owner)):
-                continue
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-            removed.append(leftover)
-        return removed
-
 
 def _owner(name: str) -> int | None:
-    """``upload-<pid>-xxxx`` and ``delete-<digest>-<pid>-<ns>`` -> pid; None for anything else."""
+    """``upload-<pid>-xxxx``, ``fetch-<pid>-xxxx`` and ``delete-<digest>-<pid>-<ns>`` -> pid; None for
+    anything else."""
     parts = name.split("-")
     try:
-        if parts[0] == "upload":
+        if parts[0] in ("upload", "fetch"):
             return int(parts[1])
         if parts[0] == "delete":
             return int(parts[2])

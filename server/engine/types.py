@@ -40,8 +40,8 @@ class Structured:
     def __post_init__(self) -> None:
         size = len(json.dumps(self.value)) if self.value is not None else 0
         if size > MAX_SCHEMA_BYTES:
-            raise InvalidArgument(f"the {self.kind} constraint is {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted",
-                                  field="response_format")
+            raise InvalidArgument(f"the {self.kind} constraint is {size} bytes; at most {MAX_SCHEMA_BYTES} are "
+                                  "accepted", field="response_format")
 
 
 def _check(field_: str, ok: bool, rule: str, value) -> None:
@@ -107,7 +107,8 @@ class Sampling:
                "between 0 and max_tokens", self.min_tokens)
         _check("allowed_token_ids", self.allowed_token_ids is None or 0 < len(self.allowed_token_ids),
                "a non-empty list of token ids", self.allowed_token_ids)
-        _check("bad_words", len(self.bad_words) <= MAX_STOP and all(0 < len(w) <= MAX_STOP_CHARS for w in self.bad_words),
+        _check("bad_words", len(self.bad_words) <= MAX_STOP
+               and all(0 < len(w) <= MAX_STOP_CHARS for w in self.bad_words),
                f"at most {MAX_STOP} non-empty words", self.bad_words)
         _check("seed", self.seed is None or -(2**63) <= self.seed < 2**63, "a 64-bit integer", self.seed)
 

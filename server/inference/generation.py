@@ -207,8 +207,12 @@ class InferenceService:
         self.active[key] = admission
         try:
             if (rec := gen.adapter) is not None:
-                admission.entry = await self.residency.acquire(rec.key, str(self.store.path(rec.digest)),
-                                                               rec.size_bytes, digest=rec.digest, pinned=rec.pinned)
+                # A cold adapter's blob comes from the store first (object storage: into this
+                # server's cache, verified; a store that does not answer is a 503).
+                path = self.store.path(rec.digest) if self.residency.get(rec.key) else \
+                    await self.store.local(rec.digest)
+                admission.entry = await self.residency.acquire(rec.key, str(path), rec.size_bytes,
+                                                               digest=rec.digest, pinned=rec.pinned)
                 if not self.is_current(rec):
                     # Deleted or replaced while this request waited for room: it runs on the version
                     # it resolved, as one already running would, and that version drains after it.

@@ -9,6 +9,7 @@ limited.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 from server.errors import ConcurrencyExceeded, QuotaExceeded, RateLimited
 from server.tenants.store import Principal
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,8 +35,11 @@ class RateLimiter:
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
 
-    def check(self, principal: Principal) -> None:
+    async def check(self, principal: Principal) -> None:
         """Take one token from the tenant's bucket, or raise :class:`RateLimited` with ``retry_after`` >= 1 s."""
+        self.take(principal)
+
+    def take(self, principal: Principal) -> None:
         if principal.is_admin:
             return
         rpm = principal.quotas.requests_per_minute
@@ -58,6 +64,45 @@ class RateLimiter:
         """Drop a tenant's bucket (after revoking it, say); its next request starts full."""
         with self._lock:
             self._buckets.pop(tenant, None)
+
+
+class SharedRateLimiter:
+    """Requests per minute counted in Redis (``--rate-limit-url redis://...``), so a tenant's limit
+    holds across every server: a moving window of one minute per tenant, through the ``limits``
+    library. Redis that does not answer lets requests through (logged once per outage): the
+    limit is a fairness guard, and serving comes first."""
+
+    def __init__(self, url: str):
+        from limits.storage import storage_from_string
+        from limits.aio.strategies import MovingWindowRateLimiter
+
+        self.url = url
+        self._storage = storage_from_string(url if url.startswith("async+") else f"async+{url}")
+        self._strategy = MovingWindowRateLimiter(self._storage)
+        self._items: dict[int, object] = {}
+        self._failing = False
+
+    async def check(self, principal: Principal) -> None:
+        if principal.is_admin:
+            return
+        from limits import RateLimitItemPerMinute
+
+        rpm = principal.quotas.requests_per_minute
+        item = self._items.get(rpm) or self._items.setdefault(rpm, RateLimitItemPerMinute(rpm))
+        try:
+            allowed = await self._strategy.hit(item, "loraplex", principal.tenant)
+            if not allowed:
+                stats = await self._strategy.get_window_stats(item, "loraplex", principal.tenant)
+            self._failing = False
+        except Exception:
+            if not self._failing:
+                logger.exception("the rate-limit store %s does not answer; requests go through unlimited", self.url)
+            self._failing = True
+            return
+        if not allowed:
+            wait = float(max(1, math.ceil(stats.reset_time - time.time())))
+            raise RateLimited(f"tenant {principal.tenant!r} is over its limit of {rpm} requests per minute; "
+                              f"retry in {wait:.0f} s", retry_after=wait)
 
 
 class Lease:

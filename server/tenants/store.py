@@ -92,12 +92,16 @@ def validate_tenant_name(name: str) -> None:
 
 
 class TenantStore:
-    """CRUD over the ``tenants`` table. ``generation`` goes up on every write, so a
-    cache of principals (see :class:`server.tenants.auth.Authenticator`) knows when it is stale."""
+    """CRUD over the ``tenants`` table. ``generation`` (the database's shared counter) goes up on
+    every write by any server, so a snapshot of principals (see
+    :class:`server.tenants.auth.Authenticator`) knows when it is stale."""
 
     def __init__(self, db: Database):
         self._db = db
-        self.generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._db.generation
 
     def create(self, name: str, role: Role = Role.TENANT, quotas: Quotas = Quotas()) -> str:
         """Add a tenant and return its API key. This is the only time the key exists outside the caller."""
@@ -111,7 +115,6 @@ class TenantStore:
                 f"INSERT INTO tenants (name, role, key_hash, key_prefix, created_at, {', '.join(FIELDS)}) "
                 f"VALUES (?, ?, ?, ?, ?{', ?' * len(FIELDS)})",
                 (name, role.value, hash_key(key), key[:8], time.time(), *(getattr(quotas, f) for f in FIELDS)))
-            self.generation += 1  # under the database lock, so concurrent writers can't lose a bump
         return key
 
     def get(self, name: str) -> TenantInfo:
@@ -131,6 +134,11 @@ class TenantStore:
         self._update(name, f"UPDATE tenants SET {', '.join(f'{f} = ?' for f in FIELDS)} WHERE name = ?",
                      tuple(getattr(quotas, f) for f in FIELDS))
 
+    def principals(self) -> dict[str, Principal]:
+        """Every live (not revoked) tenant by its key's hash: the authenticator's snapshot."""
+        rows = self._db.query("SELECT * FROM tenants WHERE revoked_at IS NULL")
+        return {row["key_hash"]: Principal(row["name"], Role(row["role"]), _quotas(row)) for row in rows}
+
     def principal_for(self, key_hash: str) -> Principal | None:
         """The live (not revoked) tenant holding the key with this hash, or None."""
         row = self._db.query_one("SELECT * FROM tenants WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
@@ -140,7 +148,6 @@ class TenantStore:
         with self._db.transaction() as conn:
             if conn.execute(sql, (*params, name)).rowcount == 0:
                 raise TenantNotFound(f"tenant {name!r} does not exist", field="name")
-            self.generation += 1
 
 
 def _quotas(row) -> Quotas:

@@ -12,7 +12,6 @@ import tarfile
 import time
 
 import grpc
-import httpx
 import pytest
 
 from server.api.grpc.pb import adapters_pb2 as apb

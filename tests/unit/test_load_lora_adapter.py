@@ -53,7 +53,7 @@ def make(tmp_path, engine, **settings) -> tuple[Service, object, str]:
                       tenants=TenantStore(db), registry=AdapterRegistry(db), store=AdapterStore(tmp_path / "adapters"),
                       metrics=Metrics())
     key = service.tenants.create("ops", Role.ADMIN)
-    return service, service.authenticate(f"Bearer {key}"), str(src)
+    return service, asyncio.run(service.authenticate(f"Bearer {key}")), str(src)
 
 
 def test_a_load_puts_the_adapter_in_the_engine_once(tmp_path):

@@ -24,8 +24,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, service: Service):
         self.service = service
 
-    def _principal(self, context: Context):
-        return self.service.authenticate(protocol.authorization(context))
+    async def _principal(self, context: Context):
+        return await self.service.authenticate(protocol.authorization(context))
 
     async def Upload(self, requests: AsyncIterator[apb.UploadRequest], context: Context) -> apb.Adapter:
         return await self._upload(requests, context, replace=False)
@@ -34,7 +34,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return await self._upload(requests, context, replace=True)
 
     async def _upload(self, requests, context: Context, *, replace: bool) -> apb.Adapter:
-        principal = self._principal(context)  # before reading the body: a bad key is refused whatever it sends
+        principal = await self._principal(context)  # before reading the body: a bad key is refused whatever it sends
         stream = aiter(requests)
         meta = await protocol.upload_metadata(stream)
         adapters, tenant, replace = self.service.adapters, protocol.tenant(meta), replace or meta.replace
@@ -45,21 +45,24 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return protocol.adapter(self.service, rec)
 
     async def List(self, request: apb.ListAdaptersRequest, context: Context) -> apb.ListAdaptersResponse:
-        records = self.service.adapters.list_adapters(self._principal(context), protocol.tenant(request))
+        records = self.service.adapters.list_adapters(await self._principal(context), protocol.tenant(request))
         return apb.ListAdaptersResponse(adapters=[protocol.adapter(self.service, r) for r in records])
 
     async def Get(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
-        rec = self.service.adapters.get_adapter(self._principal(context), request.name, protocol.tenant(request))
+        rec = self.service.adapters.get_adapter(await self._principal(context), request.name, protocol.tenant(request))
         return protocol.adapter(self.service, rec)
 
     async def Delete(self, request: apb.AdapterRef, context: Context) -> apb.DeleteAdapterResponse:
-        removed = await self.service.adapters.delete(self._principal(context), request.name, protocol.tenant(request))
+        principal = await self._principal(context)
+        removed = await self.service.adapters.delete(principal, request.name, protocol.tenant(request))
         return apb.DeleteAdapterResponse(name=request.name, versions=len(removed))
 
     async def Pin(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
-        rec = await self.service.adapters.set_pinned(self._principal(context), request.name, True, protocol.tenant(request))
+        principal = await self._principal(context)
+        rec = await self.service.adapters.set_pinned(principal, request.name, True, protocol.tenant(request))
         return protocol.adapter(self.service, rec)
 
     async def Unpin(self, request: apb.AdapterRef, context: Context) -> apb.Adapter:
-        rec = await self.service.adapters.set_pinned(self._principal(context), request.name, False, protocol.tenant(request))
+        principal = await self._principal(context)
+        rec = await self.service.adapters.set_pinned(principal, request.name, False, protocol.tenant(request))
         return protocol.adapter(self.service, rec)

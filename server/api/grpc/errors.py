@@ -35,6 +35,7 @@ CODES: dict[type[e.LoraplexError], grpc.StatusCode] = {
     e.PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     e.RequestTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     e.EngineNotReady: grpc.StatusCode.UNAVAILABLE,
+    e.StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     AdapterCacheFull: grpc.StatusCode.UNAVAILABLE,
     e.AdapterLoadFailed: grpc.StatusCode.INTERNAL,
 }

@@ -60,7 +60,8 @@ def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
     def opt(name: str, default=None):
         return getattr(req, name) if req.HasField(name) else default
 
-    return Sampling(max_tokens=opt("max_tokens", COMPLETION_MAX_TOKENS if isinstance(req, ipb.GenerateRequest) else None),
+    default_max = COMPLETION_MAX_TOKENS if isinstance(req, ipb.GenerateRequest) else None
+    return Sampling(max_tokens=opt("max_tokens", default_max),
                     temperature=opt("temperature"), top_p=opt("top_p"), n=opt("n", 1), stop=tuple(req.stop),
                     seed=opt("seed"), logprobs=opt("logprobs"), ignore_eos=req.ignore_eos)
 

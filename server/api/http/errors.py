@@ -29,6 +29,7 @@ STATUS: dict[type[e.LoraplexError], int] = {
     e.PayloadTooLarge: 413,
     e.RequestTimeout: 408,
     e.EngineNotReady: 503,
+    e.StoreUnavailable: 503,
     AdapterCacheFull: 503,
     e.AdapterLoadFailed: 500,
 }

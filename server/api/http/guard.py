@@ -53,7 +53,7 @@ class RequestGuard:
         try:
             if path in PUBLIC:
                 return await self.app(scope, receive, send)
-            principal = self.service.authenticate(_header(scope, b"authorization"))
+            principal = await self.service.authenticate(_header(scope, b"authorization"))
             scope.setdefault("state", {})["principal"] = principal
             upload = method in ("POST", "PUT") and _UPLOAD.match(path) is not None and \
                 _header(scope, b"content-type", "").startswith("multipart/")
