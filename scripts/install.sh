@@ -2,6 +2,7 @@
 # Install loraplex (CPU path) into a virtualenv, idempotently.
 #
 #   bash scripts/install.sh            # -> .venv/ (override with LORAPLEX_VENV)
+#   LORAPLEX_EXTRAS= bash scripts/install.sh   # without the test and benchmark extras (the images)
 #
 # A second run with an unchanged pyproject.toml and install script returns at
 # once: a stamp file in the venv records what was installed.
@@ -9,10 +10,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${LORAPLEX_VENV:-.venv}
+EXTRAS=${LORAPLEX_EXTRAS-dev,bench}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 
-stamp="$VENV/.loraplex-install-$(cat pyproject.toml scripts/install.sh scripts/cpu_requirements.py | sha256sum | cut -c1-16)"
+stamp="$VENV/.loraplex-install-$( (cat pyproject.toml scripts/install.sh scripts/cpu_requirements.py; echo "$EXTRAS") | sha256sum | cut -c1-16)"
 if [[ -f "$stamp" ]]; then
   echo "loraplex: install up to date ($VENV)"
   exit 0
@@ -52,7 +54,7 @@ if command -v npm >/dev/null && [[ ! -x "$VENV/node/node_modules/.bin/s3rver" ]]
   npm install --silent --no-audit --no-fund --prefix "$VENV/node" s3rver@3.7.1 >/dev/null
 fi
 # 5. loraplex itself, editable, with its test dependencies.
-pip -e ".[dev,bench]"
+pip -e ".${EXTRAS:+[$EXTRAS]}"
 
 rm -f "$VENV"/.loraplex-install-*
 touch "$stamp"
