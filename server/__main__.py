@@ -198,6 +198,17 @@ def serve(argv: list[str]) -> None:
     except (SettingsError, EngineConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if settings.replicas:
+        from server.cluster.app import run as run_cluster
+
+        try:
+            run_cluster(settings, settings.replicas)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        except KeyboardInterrupt:
+            pass
+        return
     try:
         asyncio.run(run(settings))
     except (EngineConfigError, BaseModelError) as e:

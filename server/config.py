@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     """On SIGTERM: how long requests in flight may run on (new ones get 503) before they are ended
     with a final error; HTTP and gRPC drain together."""
 
+    replicas: int | None = Field(None, ge=1, le=64)
+    """Run N engine replicas on a local Ray Serve cluster (server/cluster) behind one HTTP front on
+    --host/--port, instead of one engine in this process. Past one host: serve run deploy/ray/serve.yaml."""
+    replica_max_ongoing_requests: int | None = Field(None, ge=1)
+    """Ray Serve: requests one engine replica takes at once before Ray sends an adapter's requests to
+    a replica that has not loaded it yet (spill-over); default 2 x --max-num-seqs (256)."""
+
     # ---------------------------------------------------------------- listeners and state
     host: str = "127.0.0.1"
     """Address the HTTP (and gRPC) listeners bind."""

@@ -91,6 +91,14 @@ class ShuttingDown(EngineNotReady):
     code = "server_shutting_down"
 
 
+class ReplicaLost(EngineNotReady):
+    """Ray Serve: the engine replica running a request died under it (its in-flight requests end
+    with this; a retry goes to another replica, and Ray starts a new one)."""
+
+    code = "replica_lost"
+    retry_after = 1.0
+
+
 class StoreUnavailable(LoraplexError):
     """The shared adapter store (object storage) did not answer: what needs it -- a cold adapter
     not in the local cache, an upload -- waits; loaded and cached adapters keep serving."""

@@ -50,8 +50,10 @@ def open_store(settings: Settings):
     return AdapterStore(settings.data_dir / "adapters")
 
 
-def build(settings: Settings, *, engine=None) -> Service:
-    """Everything but the network listeners. Starts the engine unless one is given."""
+def build(settings: Settings, *, engine=None, shared: bool = False) -> Service:
+    """Everything but the network listeners. Starts the engine unless one is given. ``shared``:
+    other servers use the same registry and store even if they are local (Ray Serve replicas on
+    one host), so crash recovery leaves what is younger than the GC grace alone."""
     from transformers import AutoTokenizer
 
     from server.engine.vllm_engine import EngineOptions, VllmEngine
@@ -62,7 +64,7 @@ def build(settings: Settings, *, engine=None) -> Service:
     spec = BaseSpec.from_config(served, base.config, base.fingerprint)
     db = open_db(settings)
     registry, store = AdapterRegistry(db), open_store(settings)
-    counts = recover(registry, store, grace_s=settings.adapter_gc_grace_s if store.shared or db.shared else 0.0)
+    counts = recover(registry, store, grace_s=settings.adapter_gc_grace_s if shared or store.shared or db.shared else 0.0)
     if any(counts.values()):
         logger.warning("recovered from an unclean stop: %s", counts)
     if engine is None:

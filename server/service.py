@@ -88,7 +88,7 @@ class Service:
 
     # ------------------------------------------------------------ auth
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(self, authorization: str | None, *, charge: bool = True) -> Principal:
         """The caller behind an Authorization header, its request rate charged (in this process,
         or in Redis for every server with --rate-limit-url). While the server drains, every new
         request is refused first."""
@@ -97,7 +97,8 @@ class Service:
         if self.registry.generation != self._snapshot_gen or self.auth.stale:
             await self._reload()  # a write the watcher has polled but not loaded yet: load it off the loop
         principal = self.auth.authenticate(authorization)
-        await self.limiter.check(principal)
+        if charge:  # False: a Ray Serve ingress charged this request already (server/cluster)
+            await self.limiter.check(principal)
         return principal
 
     def namespace(self, principal: Principal, tenant: str | None) -> str:

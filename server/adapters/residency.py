@@ -311,6 +311,14 @@ class ResidencyManager:
         if entry.refs == 0 and (entry.load is None or entry.load.done()):
             await self._unload(entry)
 
+    async def unload_if_idle(self, key: str) -> None:
+        """Ray Serve evicted the version from its multiplexed cache: unload it unless a request
+        is using it, it is pinned, or it is loading."""
+        entry = self._entries.get(key)
+        if entry is None or entry.pinned or entry.refs or (entry.load is not None and not entry.load.done()):
+            return
+        await self._unload(entry)
+
     def set_pinned(self, key: str, pinned: bool) -> None:
         entry = self._entries.get(key)
         if entry is None:

@@ -46,13 +46,8 @@ def needs(tool, what: str):
     return pytest.mark.skipif(not tool and not os.environ.get("CI"), reason=f"{what} is not installed")
 
 
-PENDING_SETTINGS = {"registry_url", "store_url", "rate_limit_url"}
-"""Flags of the shared-state change (README "Several servers") that deploy/ already uses; accepted
-until they land in server/config.py, where they are then checked like every other name."""
-
-
 def setting_names() -> set[str]:
-    return set(Settings.model_fields) | PENDING_SETTINGS
+    return set(Settings.model_fields)
 
 
 def env_setting(name: str) -> str | None:
@@ -448,6 +443,20 @@ def test_serve_config_keys_are_ray_serve_2_60s():
     assert "placeholder" not in (DEPLOY / "ray/serve.yaml").read_text().lower()
 
 
+def test_serve_config_builds_the_application():
+    """import_path and args of deploy/ray/serve.yaml build the Serve application (no cluster)."""
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed here")
+    from server.cluster.app import build
+
+    (app,) = serve_config()["applications"]
+    module, attr = app["import_path"].split(":")
+    assert (module, attr) == ("server.cluster.app", "build")
+    assert set(app["args"]) <= set(Settings.model_fields)
+    assert build(app["args"]) is not None
+    names = {d["name"] for d in app["deployments"]}
+    assert names == {"LoraplexIngress", "LoraplexEngine"}
+
+
 def test_serve_config_against_ray_serves_own_schema():
     schema = pytest.importorskip("ray.serve.schema", reason="ray[serve] is not installed here")
     schema.ServeDeploySchema.model_validate(serve_config())
@@ -471,8 +480,9 @@ def test_rayservice_embeds_the_serve_config_and_valid_pods():
             validate(pod_template, version)
     (worker,) = gpu["template"]["spec"]["containers"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == engine["ray_actor_options"]["num_gpus"]
-    build = re.search(r"EXTRA_PIP='([^']+)'", (K8S / "rayservice.yaml").read_text()).group(1)
-    assert build == f"ray[serve]=={cluster['rayVersion']}"
+    # The image's Ray is loraplex's own pin.
+    pyproject = (DEPLOY.parent / "pyproject.toml").read_text()
+    assert f'"ray[serve]=={cluster["rayVersion"]}"' in pyproject
     # The image's Serve workers are started through `bash -lc` by KubeRay: the venv must stay on PATH.
     assert "/etc/profile.d/" in (DEPLOY / "docker/Dockerfile").read_text()
 

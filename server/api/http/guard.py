@@ -53,7 +53,9 @@ class RequestGuard:
         try:
             if path in PUBLIC:
                 return await self.app(scope, receive, send)
-            principal = await self.service.authenticate(_header(scope, b"authorization"))
+            # A request a Ray Serve ingress forwarded (server/cluster) had its rate charged there.
+            charged = scope.get("extensions", {}).get("loraplex.charged", False)
+            principal = await self.service.authenticate(_header(scope, b"authorization"), charge=not charged)
             scope.setdefault("state", {})["principal"] = principal
             upload = method in ("POST", "PUT") and _UPLOAD.match(path) is not None and \
                 _header(scope, b"content-type", "").startswith("multipart/")

@@ -1,0 +1,219 @@
+"""loraplex on Ray Serve (server/cluster): `python -m server --replicas 2` starts a real local Ray
+cluster with two engine replicas (each its own vLLM engine on the tiny model) behind one ingress,
+over one SQLite registry and one local store. Driven with the stock openai client and httpx."""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.integration.server_proc import ServerProcess, create_tenant
+
+REPLICA = "x-loraplex-replica"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tiny_base, tmp_path_factory):
+    data = tmp_path_factory.mktemp("ray-data")
+    keys = {name: create_tenant(data, name) for name in ("alice", "bob")}
+    server = ServerProcess(tiny_base, data, "--replicas", "2", "--replica-max-ongoing-requests", "4",
+                           "--max-loras", "2", "--max-cpu-loras", "4",
+                           log=tmp_path_factory.mktemp("ray-logs") / "ray.log")
+    server.start(timeout=400)
+    server.keys = keys
+    yield server
+    server.stop()
+
+
+def http(server, tenant: str = "alice") -> httpx.Client:
+    return httpx.Client(base_url=server.url, timeout=120,
+                        headers={"Authorization": f"Bearer {server.keys[tenant]}"})
+
+
+def upload(server, name: str, adapter, *, method: str = "POST", tenant: str = "alice") -> httpx.Response:
+    files = [("files", (f.name, f.read_bytes())) for f in sorted(adapter.iterdir()) if f.is_file()]
+    with http(server, tenant) as h:
+        if method == "POST":
+            return h.post("/v1/adapters", data={"name": name}, files=files)
+        return h.put(f"/v1/adapters/{name}", files=files)
+
+
+def complete(server, model: str, *, tenant: str = "alice", max_tokens: int = 8) -> httpx.Response:
+    with http(server, tenant) as h:
+        return h.post("/v1/completions", json={"model": model, "prompt": "the date is", "max_tokens": max_tokens,
+                                               "temperature": 0, "ignore_eos": True, "return_token_ids": True})
+
+
+def tokens(r: httpx.Response) -> list[int]:
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["token_ids"]
+
+
+def engine_cores(server) -> list[psutil.Process]:
+    """vLLM's engine-core processes under the replicas (running ones: a killed one is a zombie
+    until its replica reaps it)."""
+    cores = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "EngineCore" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                cores.append(p)
+        except psutil.Error:
+            continue
+    return cores
+
+
+def test_the_openai_sdk_against_the_cluster(ray_cluster, adapter_dirs):
+    assert upload(ray_cluster, "sdk", adapter_dirs["a1"]).status_code == 201
+    client = openai.OpenAI(base_url=f"{ray_cluster.url}/v1", api_key=ray_cluster.keys["alice"], max_retries=0)
+    assert {m.id for m in client.models.list()} >= {"tiny", "tiny:sdk"}
+    chat = client.chat.completions.create(model="tiny:sdk", messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    text = client.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=0)
+    assert text.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(model="tiny:sdk", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == sum(1 for c in chunks if c.choices and c.choices[0].delta.content
+                                                     is not None) or chunks[-1].usage.completion_tokens >= 1
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="tiny:missing", prompt="x", max_tokens=1)
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=-3)
+    assert e.value.body["param"] == "temperature"
+    bad = openai.OpenAI(base_url=f"{ray_cluster.url}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_tenants_are_isolated_across_replicas(ray_cluster, adapter_dirs):
+    assert upload(ray_cluster, "private", adapter_dirs["a2"]).status_code == 201
+    for _ in range(4):  # whichever replica answers
+        r = complete(ray_cluster, "tiny:private", tenant="bob")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    with http(ray_cluster, "bob") as h:
+        assert "tiny:private" not in {m["id"] for m in h.get("/v1/models").json()["data"]}
+
+
+def test_an_adapter_keeps_to_its_replica_and_spills_over_when_it_is_saturated(ray_cluster, adapter_dirs):
+    assert upload(ray_cluster, "affine", adapter_dirs["a3"]).status_code == 201
+    first = complete(ray_cluster, "tiny:affine")
+    home = first.headers[REPLICA]
+    served = [complete(ray_cluster, "tiny:affine").headers[REPLICA] for _ in range(10)]
+    assert served == [home] * 10
+    # Base requests go anywhere: both replicas answer some.
+    assert len({complete(ray_cluster, "tiny").headers[REPLICA] for _ in range(16)}) == 2
+    # 16 at once, each long, on a replica that takes 4 at a time: Ray sends some to the other.
+    seen = collections.Counter()
+
+    def one():
+        r = complete(ray_cluster, "tiny:affine", max_tokens=48)
+        assert r.status_code == 200, r.text
+        seen[r.headers[REPLICA]] += 1
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(seen.values()) == 16 and len(seen) == 2, seen
+    assert seen[home] >= 4, seen
+
+
+def test_replace_and_delete_across_replicas(ray_cluster, adapter_dirs):
+    assert upload(ray_cluster, "swap", adapter_dirs["a1"]).status_code == 201
+    old = tokens(complete(ray_cluster, "tiny:swap"))
+    failures, stop = [], threading.Event()
+
+    def client():
+        with http(ray_cluster) as h:
+            while not stop.is_set():
+                with h.stream("POST", "/v1/completions", json={"model": "tiny:swap", "prompt": "hi",
+                                                               "max_tokens": 12, "stream": True}) as r:
+                    lines = [line for line in r.iter_lines() if line]
+                    if r.status_code != 200 or lines[-1] != "data: [DONE]" or any('"error"' in x for x in lines):
+                        failures.append((r.status_code, lines[-2:]))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    r = upload(ray_cluster, "swap", adapter_dirs["a2"], method="PUT")
+    assert r.status_code == 200, r.text
+    # Acknowledged: from now on no replica answers with the old version.
+    answers = [complete(ray_cluster, "tiny:swap") for _ in range(12)]
+    time.sleep(1)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    new = {json.dumps(tokens(a)) for a in answers}
+    assert len(new) == 1 and json.loads(new.pop()) != old
+    with http(ray_cluster) as h:
+        assert h.delete("/v1/adapters/swap").status_code == 200
+    for _ in range(6):  # neither replica serves it once the delete is acknowledged
+        assert complete(ray_cluster, "tiny:swap").status_code == 404
+
+
+def test_killing_one_replicas_engine_mid_stream(ray_cluster, adapter_dirs):
+    assert upload(ray_cluster, "survivor", adapter_dirs["a4"]).status_code == 201
+    before = tokens(complete(ray_cluster, "tiny:survivor"))
+    def registered() -> list[tuple]:  # residency is each replica's own: not compared
+        with http(ray_cluster) as h:
+            return [(a["id"], a["version"], a["digest"]) for a in h.get("/v1/adapters").json()["data"]]
+
+    adapters_before = registered()
+    cores = engine_cores(ray_cluster)
+    assert len(cores) == 2
+    outcomes, started = [], threading.Semaphore(0)
+
+    def stream():
+        try:
+            with httpx.Client(base_url=ray_cluster.url, timeout=60,
+                              headers={"Authorization": f"Bearer {ray_cluster.keys['alice']}"}) as h:
+                with h.stream("POST", "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 240,
+                                                               "ignore_eos": True, "stream": True}) as r:
+                    lines = []
+                    for line in r.iter_lines():
+                        if line:
+                            lines.append(line)
+                            if len(lines) == 1:
+                                started.release()
+            errors = [json.loads(x[6:])["error"] for x in lines if x.startswith("data: {") and '"error"' in x]
+            outcomes.append(("error", errors[0]["code"]) if errors else ("ok", lines[-1]))
+        except httpx.TimeoutException:
+            outcomes.append(("hang", None))
+
+    threads = [threading.Thread(target=stream) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for _ in threads:  # every stream has its first token: all 8 are in flight, on both replicas
+        assert started.acquire(timeout=60)
+    victim = cores[0]
+    victim.kill()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 8 and not [o for o in outcomes if o[0] == "hang"], outcomes
+    assert all(o == ("ok", "data: [DONE]") or o[0] == "error" for o in outcomes), outcomes
+    # The kill hit streams in flight (the victim's), and they ended with a retryable error.
+    assert {o[1] for o in outcomes if o[0] == "error"} & {"engine_not_ready", "replica_lost"}, outcomes
+    # New requests are served (by the other replica, or retried there), while Ray replaces the dead one.
+    for _ in range(8):
+        assert complete(ray_cluster, "tiny").status_code == 200
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        alive = [p for p in engine_cores(ray_cluster) if p.pid != victim.pid]
+        if len(alive) == 2:
+            break
+        time.sleep(2)
+    assert len(alive) == 2, "Ray did not bring the replica back"
+    # Nothing in the registry or the store was damaged.
+    assert registered() == adapters_before
+    assert tokens(complete(ray_cluster, "tiny:survivor")) == before
