@@ -112,7 +112,10 @@ class Row(dict):
         self._values = tuple(values)
 
     def __getitem__(self, key):
-        return self._values[key] if isinstance(key, int) else super().__getitem__(key)
+        return self._values[key] if isinstance(key, (int, slice)) else super().__getitem__(key)
+
+    def __iter__(self):  # values, as sqlite3.Row's (tuple(row), unpacking); names are keys()
+        return iter(self._values)
 
 
 class Result:

@@ -33,7 +33,7 @@ def test_kill_9_at_every_point_of_an_upload_leaves_nothing_half_done(crashy):
         assert not check["keeper_changed"], check
     logs = {c["phase"]: " ".join(c["recovery_log"]) for c in report.checks}
     assert "removed leftover staging directory" in logs["upload.body"]
-    assert "removing adapter blob" in logs["upload.blob_stored"]
-    assert "removing adapter blob" in logs["registry.before_commit"]
+    assert "removed adapter blob" in logs["upload.blob_stored"]
+    assert "removed adapter blob" in logs["registry.before_commit"]
     assert logs["upload.committed"] == ""  # a committed upload leaves nothing to repair
     assert (report.half_registered, report.orphan_files, report.keeper_changed) == (0, 0, 0)

@@ -71,6 +71,16 @@ def prometheus(cluster, tmp_path_factory):
         proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _leave_no_adapters(cluster):
+    """The session's server is shared: the adapters this module uploads go when it ends."""
+    yield
+    with cluster.http("alice") as h:
+        for adapter in h.get("/v1/adapters").json()["data"]:
+            if adapter["id"].startswith("dash-"):
+                h.delete(f"/v1/adapters/{adapter['id']}")
+
+
 def traffic(cluster, adapter: str) -> None:
     """Base and adapter, completions and chat, streamed and not: every label set the panels group by."""
     client = cluster.client("alice")
