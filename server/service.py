@@ -77,6 +77,8 @@ class Service:
         self._snapshot: dict[tuple[str, str], AdapterRecord] = {}
         self._snapshot_gen = -1
         self._reloading = asyncio.Lock()
+        self.forward_secret: str | None = None
+        """Set on a Ray Serve engine replica only: its loopback gRPC calls carry it (server/cluster)."""
         self._tasks: set[asyncio.Task] = set()
         self.prompts = Prompts(tokenizer, max_chars=settings.max_prompt_chars or 64 * settings.max_model_len,
                                max_model_len=settings.max_model_len,

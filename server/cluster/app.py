@@ -35,15 +35,17 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from typing import Any, AsyncIterator
 
+import grpc
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 
 from server.api.http.errors import body as error_body, error_response, status_of
 from server.config import Settings
-from server.errors import LoraplexError, ReplicaLost, ShuttingDown
+from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,22 @@ ATTEMPTS = 3
 _INFERENCE = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 """Paths whose JSON body names a model: routed by adapter version."""
 _WRITES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+GRPC_METHODS = {
+    "/loraplex.v1.Inference/Generate": "unary_stream",
+    "/loraplex.v1.Inference/Chat": "unary_stream",
+    "/loraplex.v1.Inference/ListModels": "unary_unary",
+    "/loraplex.v1.Adapters/Upload": "stream_unary",
+    "/loraplex.v1.Adapters/List": "unary_unary",
+    "/loraplex.v1.Adapters/Get": "unary_unary",
+    "/loraplex.v1.Adapters/Replace": "stream_unary",
+    "/loraplex.v1.Adapters/Delete": "unary_unary",
+    "/loraplex.v1.Adapters/Pin": "unary_unary",
+    "/loraplex.v1.Adapters/Unpin": "unary_unary",
+}
+"""Every loraplex.v1 method and its shape (tests/integration/test_ray_cluster.py checks the
+list against the services' descriptors)."""
+_GRPC_WRITES = ("/loraplex.v1.Adapters/Upload", "/loraplex.v1.Adapters/Replace", "/loraplex.v1.Adapters/Delete",
+                "/loraplex.v1.Adapters/Pin", "/loraplex.v1.Adapters/Unpin")
 """Paths that write the registry: once one answers, this ingress routes by what it wrote."""
 
 
@@ -75,6 +93,15 @@ class LoraplexEngine:
         self.adapter = serve.multiplexed(max_num_models_per_replica=self.service.residency.max_entries)(self._loader())
         self._tasks = [asyncio.create_task(watch_registry(self.service)),
                        asyncio.create_task(self.service.adapters.gc_forever())]
+        # The gRPC front runs in the ingress; a replica answers it with the single-process server's
+        # own servicers, on a loopback port only this replica calls (its secret marks the calls
+        # whose rate the ingress charged).
+        from server.api.grpc.server import MAX_MESSAGE_BYTES, start_grpc
+
+        self.service.forward_secret = secrets.token_hex(16)
+        self._grpc = await start_grpc(self.service, "127.0.0.1", 0)
+        self._channel = grpc.aio.insecure_channel(f"127.0.0.1:{self._grpc.port}", options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         logger.info("engine replica %s ready", self.replica)
 
     def _loader(self):
@@ -155,6 +182,46 @@ class LoraplexEngine:
             with contextlib.suppress(BaseException):
                 await task
 
+    async def grpc(self, request: dict[str, Any]) -> AsyncIterator[dict | bytes]:
+        """Run one gRPC call through this replica's own gRPC servicers. Yields ``{"initial":
+        metadata}``, the response messages (serialized), then ``{"trailing": ...}`` or, for a
+        call that failed, ``{"code", "details", "trailing"}``."""
+        if self.service._snapshot_gen < request.get("generation", -1):
+            await self.service.refresh()
+        model_id = serve.get_multiplexed_model_id()
+        if model_id:
+            await self.adapter(model_id)
+        from server.api.grpc.protocol import FORWARDED
+
+        method, kind, messages = request["method"], GRPC_METHODS[request["method"]], request["messages"]
+        metadata = (*request["metadata"], (FORWARDED, self.service.forward_secret))
+        raw = {"request_serializer": None, "response_deserializer": None}
+        opened = False
+        if kind == "unary_stream":
+            call = self._channel.unary_stream(method, **raw)(messages[0], metadata=metadata)
+        elif kind == "unary_unary":
+            call = self._channel.unary_unary(method, **raw)(messages[0], metadata=metadata)
+        else:
+            call = self._channel.stream_unary(method, **raw)(iter(messages), metadata=metadata)
+        try:
+            initial = tuple(await call.initial_metadata() or ())
+            yield {"initial": [*initial, (REPLICA_HEADER, self.replica)]}
+            opened = True
+            if kind == "unary_stream":
+                async for message in call:
+                    yield message
+            else:
+                yield await call
+            yield {"trailing": list(await call.trailing_metadata() or ())}
+        except grpc.aio.AioRpcError as e:
+            if not opened:
+                yield {"initial": [(REPLICA_HEADER, self.replica)]}
+            yield {"code": e.code().name, "details": e.details() or "", "trailing": list(e.trailing_metadata() or ()),
+                   "engine_dead": self.service.engine.dead}
+        finally:
+            if not call.done():
+                call.cancel()
+
     def __del__(self) -> None:
         # Ray calls it when it stops the replica: stop vLLM's engine-core process with it.
         service = getattr(self, "service", None)
@@ -197,6 +264,9 @@ class LoraplexIngress:
         self.served = await engine.served_name.remote()
         await self._reload()
         self._watch = asyncio.create_task(self._watch_registry())
+        self._grpc = None
+        if self.settings.grpc_port is not None:
+            self._grpc = await _start_grpc_front(self, self.settings.host, self.settings.grpc_port)
 
     def __serve_build_asgi_app__(self):
         from server.api.http.guard import RequestGuard
@@ -311,6 +381,121 @@ class LoraplexIngress:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+    # ------------------------------------------------------------ the gRPC forward
+
+    async def forward_grpc(self, method: str, kind: str, request, context: grpc.aio.ServicerContext):
+        """One loraplex.v1 call: authenticated and charged here, then run by a replica's own
+        servicers; its messages, metadata and status are relayed as they come."""
+        from server.api.grpc.pb import inference_pb2 as ipb
+        from server.api.grpc.protocol import FORWARDED
+        from server.api.grpc.server import MAX_MESSAGE_BYTES
+
+        metadata = [(k, v) for k, v in context.invocation_metadata() or () if k != FORWARDED]
+        principal = await self.authenticate(next((v for k, v in metadata if k == "authorization"), None))
+        if kind == "stream_unary":  # an upload: its chunks, bounded as HTTP bounds one
+            messages, total = [], 0
+            cap = self.settings.max_upload_bytes + (1 << 20)
+            async for message in request:
+                total += len(message)
+                if total > cap:
+                    raise PayloadTooLarge(f"upload over {self.settings.max_upload_bytes} bytes "
+                                          "(--max-upload-bytes)", field="chunk")
+                messages.append(message)
+        else:
+            messages = [request]
+        model_id = ""
+        if method in ("/loraplex.v1.Inference/Generate", "/loraplex.v1.Inference/Chat") and len(request) <= MAX_MESSAGE_BYTES:
+            cls = ipb.GenerateRequest if method.endswith("/Generate") else ipb.ChatRequest
+            with contextlib.suppress(Exception):  # unparsable: the replica answers INVALID_ARGUMENT
+                model = cls.FromString(request).model
+                record = self._snapshot.get((principal.tenant, model.removeprefix(self.served + ":")))
+                model_id = record.key if record is not None and model != self.served else ""
+        call = {"method": method, "messages": messages, "metadata": metadata, "generation": self._generation}
+        result = None
+        for attempt in range(ATTEMPTS):
+            stream = self.engine.options(stream=True, multiplexed_model_id=model_id).grpc.remote(call)
+            try:
+                first = await stream.__anext__()
+                second = await stream.__anext__()
+            except (RayActorError, ActorUnavailableError, StopAsyncIteration):
+                continue
+            if isinstance(second, dict) and second.get("engine_dead") and attempt + 1 < ATTEMPTS:
+                stream.cancel()
+                await asyncio.sleep(0.2 * (attempt + 1))
+                continue
+            break
+        else:
+            raise ReplicaLost("no engine replica answered; retry")
+        await context.send_initial_metadata(first["initial"])
+        try:
+            async for item in _prepend(second, stream):
+                if isinstance(item, bytes):
+                    if kind == "unary_stream":
+                        await context.write(item)
+                    else:
+                        result = item
+                elif "code" in item:
+                    await context.abort(getattr(grpc.StatusCode, item["code"]), item["details"],
+                                        tuple(item["trailing"]))
+                else:
+                    context.set_trailing_metadata(tuple(item["trailing"]))
+        except (RayActorError, ActorUnavailableError):
+            raise ReplicaLost("the engine replica running this call died; retry it") from None
+        finally:
+            stream.cancel()
+        if method in _GRPC_WRITES:
+            await asyncio.to_thread(self.registry.poll)
+            await self._reload()
+        return result
+
+
+async def _prepend(first, stream) -> AsyncIterator:
+    yield first
+    async for item in stream:
+        yield item
+
+
+class _GrpcForward(grpc.GenericRpcHandler):
+    """Every loraplex.v1 method, forwarded (raw bytes both ways: the replica parses them)."""
+
+    def __init__(self, ingress: LoraplexIngress):
+        self.ingress = ingress
+
+    def service(self, details):
+        kind = GRPC_METHODS.get(details.method)
+        if kind is None:
+            return None
+
+        async def handle(request, context):
+            return await self.ingress.forward_grpc(details.method, kind, request, context)
+
+        return getattr(grpc, f"{kind}_rpc_method_handler")(handle)
+
+
+async def _start_grpc_front(ingress: LoraplexIngress, host: str, port: int):
+    """The cluster's gRPC front: loraplex.v1 forwarded, health (SERVING while the ingress is
+    up; each replica's engine is Ray's to watch) and reflection."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from server.api.grpc.errors import ErrorInterceptor
+    from server.api.grpc.server import MAX_MESSAGE_BYTES, SERVICES
+
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()],
+                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 1)])
+    server.add_generic_rpc_handlers((_GrpcForward(ingress),))
+    checker = health.aio.HealthServicer()
+    for name in ("", *SERVICES):
+        await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection((*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    logger.info("gRPC front on %s:%d", host, port)
+    return server
+
+
 async def _send_error(send, exc: LoraplexError, status: int | None = None) -> None:
     response = error_response(exc)
     if status is not None:
@@ -360,7 +545,7 @@ def build(args: dict[str, Any] | None = None, *, replicas: int | None = None):
     args = dict(args or {})
     settings = Settings(**args)  # a bad setting fails `serve run`, not every replica
     unsupported = {"lora_modules": "upload adapters through the API",
-                   "grpc_port": "the gRPC front runs with python -m server only, for now",
+                   "grpc_ssl_certfile": "terminate TLS in front of the cluster",
                    "metrics_port": "each replica's /metrics is on the HTTP front (admin key); Ray exports its own",
                    "ssl_certfile": "terminate TLS in front of Ray's proxy"}
     for field, why in unsupported.items():

@@ -14,7 +14,7 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.server_proc import ServerProcess, create_tenant
+from tests.integration.server_proc import ServerProcess, create_tenant, free_port
 
 REPLICA = "x-loraplex-replica"
 
@@ -23,11 +23,12 @@ REPLICA = "x-loraplex-replica"
 def ray_cluster(tiny_base, tmp_path_factory):
     data = tmp_path_factory.mktemp("ray-data")
     keys = {name: create_tenant(data, name) for name in ("alice", "bob")}
+    grpc_port = free_port()
     server = ServerProcess(tiny_base, data, "--replicas", "2", "--replica-max-ongoing-requests", "4",
-                           "--max-loras", "2", "--max-cpu-loras", "4",
+                           "--max-loras", "2", "--max-cpu-loras", "4", "--grpc-port", str(grpc_port),
                            log=tmp_path_factory.mktemp("ray-logs") / "ray.log")
     server.start(timeout=400)
-    server.keys = keys
+    server.keys, server.grpc_port = keys, grpc_port
     yield server
     server.stop()
 
@@ -217,3 +218,44 @@ def test_killing_one_replicas_engine_mid_stream(ray_cluster, adapter_dirs):
     # Nothing in the registry or the store was damaged.
     assert registered() == adapters_before
     assert tokens(complete(ray_cluster, "tiny:survivor")) == before
+
+
+def test_grpc_parity_through_the_cluster(ray_cluster, adapter_dirs):
+    """The gRPC front on the ingress: every loraplex.v1 method forwarded, with the same answers,
+    statuses and metadata as python -m server's."""
+    import grpc
+
+    from server.api.grpc.pb import adapters_pb2, adapters_pb2_grpc, inference_pb2 as ipb, inference_pb2_grpc
+    from server.cluster.app import GRPC_METHODS
+    from tests.integration.test_grpc import files_stream
+
+    declared = {f"/{s.full_name}/{m.name}": f"{'stream' if m.client_streaming else 'unary'}_"
+                                            f"{'stream' if m.server_streaming else 'unary'}"
+                for pb in (ipb, adapters_pb2) for s in pb.DESCRIPTOR.services_by_name.values() for m in s.methods}
+    assert GRPC_METHODS == declared
+    auth = (("authorization", f"Bearer {ray_cluster.keys['alice']}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{ray_cluster.grpc_port}") as channel:
+        inference, adapters = inference_pb2_grpc.InferenceStub(channel), adapters_pb2_grpc.AdaptersStub(channel)
+        made = adapters.Upload(files_stream("over-grpc", adapter_dirs["a3"]), metadata=auth)
+        assert made.version == 1 and made.model == "tiny:over-grpc"
+        assert "tiny:over-grpc" in {m.id for m in inference.ListModels(ipb.ListModelsRequest(), metadata=auth).models}
+        call = inference.Generate(ipb.GenerateRequest(model="tiny:over-grpc", prompt="the date is", max_tokens=8,
+                                                      temperature=0, ignore_eos=True), metadata=auth)
+        messages = list(call)
+        assert dict(call.initial_metadata())["x-loraplex-replica"]
+        ids = [t for m in messages for t in m.token_ids]
+        over_http = complete(ray_cluster, "tiny:over-grpc")
+        assert ids == tokens(over_http) and len(ids) == 8
+        assert messages[-1].usage.completion_tokens == 8
+        with pytest.raises(grpc.RpcError) as e:
+            list(inference.Generate(ipb.GenerateRequest(model="tiny:absent", prompt="x", max_tokens=1), metadata=auth))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "model" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            inference.ListModels(ipb.ListModelsRequest())
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:  # bob cannot see alice's adapter through either front
+            adapters.Get(adapters_pb2.AdapterRef(name="over-grpc"),
+                         metadata=(("authorization", f"Bearer {ray_cluster.keys['bob']}"),))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert adapters.Delete(adapters_pb2.AdapterRef(name="over-grpc"), metadata=auth)
+        assert complete(ray_cluster, "tiny:over-grpc").status_code == 404

@@ -25,7 +25,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         self.service = service
 
     async def _principal(self, context: Context):
-        return await self.service.authenticate(protocol.authorization(context))
+        return await self.service.authenticate(protocol.authorization(context),
+                                               charge=protocol.charge(context, self.service))
 
     async def Upload(self, requests: AsyncIterator[apb.UploadRequest], context: Context) -> apb.Adapter:
         return await self._upload(requests, context, replace=False)

@@ -27,7 +27,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self.service = service
 
     async def Generate(self, request: ipb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        principal = await self.service.authenticate(protocol.authorization(context))
+        principal = await self.service.authenticate(protocol.authorization(context),
+                                                    charge=protocol.charge(context, self.service))
         gen = self.service.inference.prepare(principal, request.model,
                                              [await protocol.prompt_ids(self.service, request)],
                                              protocol.sampling(request), prompt_field="prompt",
@@ -35,7 +36,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         await self._stream(principal, gen, "generate", context)
 
     async def Chat(self, request: ipb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
-        principal = await self.service.authenticate(protocol.authorization(context))
+        principal = await self.service.authenticate(protocol.authorization(context),
+                                                    charge=protocol.charge(context, self.service))
         ids = await self.service.prompts.render_chat(protocol.messages(request))
         gen = self.service.inference.prepare(principal, request.model, [ids], protocol.sampling(request),
                                              prompt_field="messages")
@@ -43,7 +45,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def ListModels(self, request: ipb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> ipb.ListModelsResponse:
-        principal = await self.service.authenticate(protocol.authorization(context))
+        principal = await self.service.authenticate(protocol.authorization(context),
+                                                    charge=protocol.charge(context, self.service))
         limit = self.service.settings.max_model_len
         return ipb.ListModelsResponse(models=[protocol.model(c, limit) for c in self.service.list_models(principal)])
 

@@ -36,6 +36,18 @@ def authorization(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+FORWARDED = "x-loraplex-forwarded"
+"""Metadata a Ray Serve engine replica (server/cluster) adds to a call it forwards to its own
+loopback gRPC server: the ingress charged the tenant's rate already. Trusted only with that
+replica's secret (``Service.forward_secret``, None everywhere else)."""
+
+
+def charge(context: grpc.aio.ServicerContext, service: Service) -> bool:
+    """Whether this call's rate is still to be charged (False only for a replica's own forward)."""
+    secret = service.forward_secret
+    return secret is None or (FORWARDED, secret) not in tuple(context.invocation_metadata() or ())
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     """The ``x-request-id`` metadata value, or a new id."""
     given = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
