@@ -4,6 +4,8 @@
 2. vllm       -- raw `vllm serve --enable-lora --lora-modules ...` (vLLM's own OpenAI server)
 3. base       -- raw vLLM without LoRA, base model only (the cost of LoRA itself)
 4. peft       -- HF transformers `generate`, adapter switched per request (S-LoRA's baseline)
+5. loraplex-ray -- the same server as one engine replica behind the Ray Serve ingress
+                   (`python -m server --replicas 1`): what the scale-out path costs one GPU
 
     python benchmarks/compare.py --adapters 1 8 64 --duration 60          # CPU, smollm2-135m
     python benchmarks/compare.py --base /models/llama8b --adapters 1 32 256 1000 --one-server \
@@ -206,7 +208,11 @@ def register(url: str, key: str, dirs: list[Path], parallel: int = 16) -> float:
     return time.perf_counter() - t0
 
 
-def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: list[int], logs: Path) -> list[dict]:
+def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: list[int], logs: Path, *,
+                 ray: bool = False) -> list[dict]:
+    """``python -m server``; with ``ray``, the same server as one engine replica behind the Ray
+    Serve ingress (``--replicas 1``), whose /metrics is a replica's, reached with the admin key."""
+    system = "loraplex-ray" if ray else "loraplex"
     data = a.work / "loraplex-data"
     shutil.rmtree(data, ignore_errors=True)  # a fresh registry: nothing cached from the last run
     key = subprocess.run([sys.executable, "-m", "server", "tenants", "create", "bench", "--admin",
@@ -218,22 +224,26 @@ def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: 
     t0 = time.perf_counter()
     # /metrics without a key comes from --metrics-port (the API port's needs an admin key), as
     # raw vLLM's does from its own port.
+    listeners = ["--replicas", "1"] if ray else ["--metrics-port", str(metrics_port)]
+    if ray:
+        metrics_url = None
     p = Proc([sys.executable, "-m", "server", "--base", str(base), "--served-name", "base", "--port", str(port),
-              "--metrics-port", str(metrics_port),
+              *listeners,
               "--data-dir", str(data), "--adapter-cache-bytes", str(a.adapter_cache_bytes),
               "--lora-roots", str(adapters[0].parent), *engine_args(a, vllm_names=False)],
-             logs / f"loraplex-{max(counts)}.log", f"{url}/ready")
+             logs / f"{system}-{max(counts)}.log", f"{url}/ready")
     started = time.perf_counter() - t0
     try:
         reg = register(url, key, [*cold, *adapters])
         print(f"   started in {started:.0f} s; registered {len(cold) + len(adapters)} adapters in {reg:.1f} s",
               flush=True)
         mem = GpuMemory(metrics_url)
-        rows = phases(a, "loraplex", url, key, counts, [d.name for d in adapters], lambda x: f"base:{x}",
+        rows = phases(a, system, url, key, counts, [d.name for d in adapters], lambda x: f"base:{x}",
                       metrics_url)
         extra = {"startup_s": started, "register_s": reg} | mem.stop()
         extra |= cold_probe(url + "/v1", key, a, [f"base:{d.name}" for d in cold], f"base:{adapters[0].name}", "base")
-        extra["adapter_load_p50_server_s"] = histogram_p50(metrics_url, "loraplex_adapter_load_duration_seconds")
+        if metrics_url:
+            extra["adapter_load_p50_server_s"] = histogram_p50(metrics_url, "loraplex_adapter_load_duration_seconds")
         return [r | extra for r in rows]
     finally:
         if mem:
@@ -361,7 +371,7 @@ def host_info() -> dict:
     return info
 
 
-COLORS = {"loraplex": "tab:blue", "vllm": "tab:green", "peft": "tab:orange"}
+COLORS = {"loraplex": "tab:blue", "loraplex-ray": "tab:purple", "vllm": "tab:green", "peft": "tab:orange"}
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -402,7 +412,7 @@ def main() -> None:
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 8, 64])
     p.add_argument("--systems", nargs="+", default=["loraplex", "vllm", "base", "peft"],
-                   choices=["loraplex", "vllm", "base", "peft"])
+                   choices=["loraplex", "loraplex-ray", "vllm", "base", "peft"])
     p.add_argument("--one-server", action="store_true", help="start each system once for every adapter count")
     p.add_argument("--distinct-weights", type=int, default=None,
                    help="different adapter weight files (default: one per adapter); adapters cycle over them")
@@ -477,8 +487,8 @@ def main() -> None:
         for counts in groups:
             print(f"== {system} with {counts} adapters", flush=True)
             adapters = adapters_all[: max(counts)]
-            if system == "loraplex":
-                record(run_loraplex(a, base, adapters, cold, counts, logs), system)
+            if system in ("loraplex", "loraplex-ray"):
+                record(run_loraplex(a, base, adapters, cold, counts, logs, ray=system == "loraplex-ray"), system)
             elif system == "vllm":
                 record(run_vllm(a, base, adapters, cold, counts, logs, lora=True), system)
             elif system == "base":

@@ -6,6 +6,8 @@
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 loraplex      # ~7 min
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 vllm          # ~7 min
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 base peft     # ~5 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bf16 loraplex-ray  # one Ray Serve replica; needs
+#       ray[serve]==2.60.0 staged too (../shared/gpu/pack.sh -s fix 'ray[serve]==2.60.0')
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 loraplex      # bitsandbytes 4-bit
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 vllm
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh mixed loraplex vllm   # ~3 min each, no setup needed
