@@ -171,9 +171,19 @@ class LoraplexEngine:
                         headers.append((ENGINE_HEADER, "dead"))
                     yield {"status": message["status"], "headers": headers}
                 elif message["type"] == "http.response.body":
-                    if message.get("body"):
-                        yield message["body"]
-                    if not message.get("more_body"):
+                    # What the app has sent meanwhile goes as one item: each item is a Ray
+                    # object, and a busy replica's stream chunks pile up between reads.
+                    body, more = [message.get("body", b"")], message.get("more_body", False)
+                    while more and not queue.empty():
+                        nxt = queue.get_nowait()
+                        if nxt is None or nxt["type"] != "http.response.body":
+                            queue.put_nowait(nxt)  # the end: seen on the next turn of the loop
+                            break
+                        body.append(nxt.get("body", b""))
+                        more = nxt.get("more_body", False)
+                    if any(body):
+                        yield b"".join(body)
+                    if not more:
                         break
         finally:
             gone.set()
