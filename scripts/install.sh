@@ -50,6 +50,11 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 if (( ${#missing[@]} )) && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null
 fi
+# Debian's docker-compose validates deploy/compose*.yaml (tests/unit/test_deploy_files.py skips
+# that check without it, so it may fail to install without failing the install).
+if ! command -v docker-compose >/dev/null && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null 2>&1 || true
+fi
 if command -v npm >/dev/null && [[ ! -x "$VENV/node/node_modules/.bin/s3rver" ]]; then
   npm install --silent --no-audit --no-fund --prefix "$VENV/node" s3rver@3.7.1 >/dev/null
 fi
