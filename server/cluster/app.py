@@ -57,6 +57,7 @@ ATTEMPTS = 3
 _INFERENCE = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 """Paths whose JSON body names a model: routed by adapter version."""
 _WRITES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+"""Paths that write the registry: once one answers, this ingress routes by what it wrote."""
 GRPC_METHODS = {
     "/loraplex.v1.Inference/Generate": "unary_stream",
     "/loraplex.v1.Inference/Chat": "unary_stream",
@@ -73,7 +74,7 @@ GRPC_METHODS = {
 list against the services' descriptors)."""
 _GRPC_WRITES = ("/loraplex.v1.Adapters/Upload", "/loraplex.v1.Adapters/Replace", "/loraplex.v1.Adapters/Delete",
                 "/loraplex.v1.Adapters/Pin", "/loraplex.v1.Adapters/Unpin")
-"""Paths that write the registry: once one answers, this ingress routes by what it wrote."""
+"""The gRPC methods that write the registry (as :data:`_WRITES`)."""
 
 
 class LoraplexEngine:
