@@ -18,6 +18,7 @@ adapter management (upload, replace, delete, pin, reclaiming) is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from server.adapters.service import AdapterService
 from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec
 from server.config import Settings
-from server.errors import PermissionDenied, ShuttingDown, TenantNotFound
+from server.errors import PermissionDenied, ShuttingDown, TenantNotFound, Unauthenticated
 from server.inference.generation import InferenceService
 from server.inference.prompts import Prompts
 from server.metrics import Metrics
@@ -37,6 +38,9 @@ from server.tenants.ratelimit import RateLimiter, SharedRateLimiter
 from server.tenants.store import Principal, TenantStore
 
 logger = logging.getLogger(__name__)
+
+UNKNOWN_KEY_POLL_S = 0.1
+"""An unknown key reads the registry's generation at most this often (all such callers share the read)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,8 @@ class Service:
         self._snapshot: dict[tuple[str, str], AdapterRecord] = {}
         self._snapshot_gen = -1
         self._reloading = asyncio.Lock()
+        self._polling: asyncio.Future | None = None
+        self._polled_at = 0.0
         self.forward_secret: str | None = None
         """Set on a Ray Serve engine replica only: its loopback gRPC calls carry it (server/cluster)."""
         self._tasks: set[asyncio.Task] = set()
@@ -98,10 +104,31 @@ class Service:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.registry.generation != self._snapshot_gen or self.auth.stale:
             await self._reload()  # a write the watcher has polled but not loaded yet: load it off the loop
-        principal = self.auth.authenticate(authorization)
+        try:
+            principal = self.auth.authenticate(authorization)
+        except Unauthenticated:
+            # A key made a moment ago (`tenants create`) works at once, not at the next poll.
+            if not await self._poll_now():
+                raise
+            principal = self.auth.authenticate(authorization)
         if charge:  # False: a Ray Serve ingress charged this request already (server/cluster)
             await self.limiter.check(principal)
         return principal
+
+    async def _poll_now(self) -> bool:
+        """Read the registry's generation now, and load what moved; True if anything did. For
+        unknown keys, so at most one read per UNKNOWN_KEY_POLL_S, shared by every caller: a flood
+        of bad keys costs the registry nothing more."""
+        if (self._polling is None or self._polling.get_loop() is not asyncio.get_running_loop()
+                or (self._polling.done() and time.monotonic() - self._polled_at >= UNKNOWN_KEY_POLL_S)):
+            self._polled_at = time.monotonic()
+            self._polling = asyncio.ensure_future(asyncio.to_thread(self.registry.poll))
+        with contextlib.suppress(Exception):  # the registry is down: the key stays unknown
+            await asyncio.shield(self._polling)
+        if self.registry.generation == self._snapshot_gen and not self.auth.stale:
+            return False
+        await self._reload()
+        return True
 
     def namespace(self, principal: Principal, tenant: str | None) -> str:
         """The tenant whose adapters a call acts on: the caller's own, or any for an admin."""

@@ -36,6 +36,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from typing import Any, AsyncIterator
 
 import grpc
@@ -45,7 +46,8 @@ from ray.serve.handle import DeploymentHandle
 
 from server.api.http.errors import body as error_body, error_response, status_of
 from server.config import Settings
-from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown
+from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, Unauthenticated
+from server.service import UNKNOWN_KEY_POLL_S
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +274,7 @@ class LoraplexIngress:
         self._snapshot: dict = {}
         self._generation = -1
         self._reloading = asyncio.Lock()
+        self._polled_at = 0.0
         self.served = await engine.served_name.remote()
         await self._reload()
         self._watch = asyncio.create_task(self._watch_registry())
@@ -291,7 +294,16 @@ class LoraplexIngress:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.registry.generation != self._generation or self.auth.stale:
             await self._reload()
-        principal = self.auth.authenticate(authorization)
+        try:
+            principal = self.auth.authenticate(authorization)
+        except Unauthenticated:  # a key made a moment ago: read the registry now, at most every 0.1 s
+            if time.monotonic() - self._polled_at < UNKNOWN_KEY_POLL_S:
+                raise
+            self._polled_at = time.monotonic()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(self.registry.poll)
+            await self._reload()
+            principal = self.auth.authenticate(authorization)
         if charge:
             await self.limiter.check(principal)
         return principal

@@ -3,6 +3,8 @@ tenant has in flight, answered with a real status before a stream starts."""
 
 from __future__ import annotations
 
+import json
+import socket
 import threading
 
 import httpx
@@ -36,15 +38,23 @@ def test_adapter_count_and_rank_quotas(cluster):
         assert dave.get("/v1/adapters").json()["data"] == []
 
 
-def _long_stream(cluster, key: str, started: threading.Event, done: threading.Event) -> None:
-    body = {"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=120) as h:
-        with h.stream("POST", "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            chunks = r.iter_lines()
-            next(chunks)
-            started.set()
-            done.wait(60)
+def _long_stream(cluster, key: str, started: threading.Event, done: threading.Event, n: int = 128) -> None:
+    """A stream that stays in flight until ``done``: its client reads the first bytes through a
+    4 KiB window and then stops, and the answer (``n`` choices x 200 tokens, each with its 20 top
+    logprobs) is more than the socket buffers hold, so the server cannot finish it before the
+    test lets go, however fast the engine is."""
+    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 200, "stream": True, "ignore_eos": True,
+                       "n": n, "temperature": 1.0, "logprobs": 20}).encode()
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", cluster.server.port))
+    with raw:
+        raw.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        first = raw.recv(512)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        started.set()
+        done.wait(60)
 
 
 def test_a_tenant_at_its_concurrency_limit_gets_a_real_429_even_when_streaming(cluster):
@@ -80,7 +90,7 @@ def test_tokens_in_flight_are_limited_per_tenant(cluster):
         assert r.status_code == 429 and e["code"] == "quota_exceeded" and e["param"] == "max_tokens"
         assert "retry-after" not in r.headers  # 400 tokens never fit: waiting does not help
     started, done = threading.Event(), threading.Event()
-    t = threading.Thread(target=_long_stream, args=(cluster, key, started, done))  # holds 200 tokens
+    t = threading.Thread(target=_long_stream, args=(cluster, key, started, done, 1))  # holds 200 tokens
     t.start()
     try:
         assert started.wait(60)
