@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +25,9 @@ logger = logging.getLogger("trainer")
 
 BaseOpt = Annotated[str, typer.Option(help="'smollm2-135m' (bundled) or a local Hugging Face model directory.")]
 Opt = typer.Option
+CHECKPOINTING_HELP = ("Activation checkpointing: 'off' keeps every activation (fastest, most memory); 'layers' keeps "
+                      "each decoder layer's input and recomputes the layer in backward; 'offload' also keeps those "
+                      "inputs in pinned host memory; 'auto': offload on CUDA, off on CPU.")
 
 
 def _fail(msg: str) -> None:
@@ -46,7 +50,8 @@ def fit(
     data: Annotated[Optional[Path], Opt(help="JSONL: chat, alpaca, prompt/completion or text. Default: bundled ISO-date demo.")] = None,
     r: Annotated[int, Opt("--r", help="LoRA rank: 1, 8, 16, 32, 64, 128, 256, 320 or 512. Higher: more capacity, bigger GPU slot.")] = 16,
     alpha: Annotated[Optional[int], Opt(help="LoRA alpha (default 2*r).")] = None,
-    dropout: Annotated[float, Opt(help="LoRA dropout on the adapter input.")] = 0.05,
+    dropout: Annotated[float, Opt(help="LoRA dropout on the adapter input. Above 0 every target's input is copied for "
+                                       "its mask: more memory and time.")] = 0.0,
     targets: Annotated[str, Opt(help="'all-linear' or comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj.")] = "all-linear",
     load_4bit: Annotated[bool, Opt("--4bit", help="QLoRA: NF4 base with double quant, paged 8-bit AdamW on CUDA.")] = False,
     epochs: Annotated[float, Opt(help="Passes over the training data (fractions allowed).")] = 1.0,
@@ -62,6 +67,8 @@ def fit(
     resume: Annotated[bool, Opt(help="Continue from OUT/NAME/checkpoint (Ctrl-C writes one).")] = False,
     overwrite: Annotated[bool, Opt(help="Replace an existing OUT/NAME.")] = False,
     save_every: Annotated[int, Opt(help="Checkpoint every N optimizer steps (0: only on Ctrl-C).")] = 0,
+    max_steps: Annotated[Optional[int], Opt(help="Stop after N optimizer steps (overrides --epochs).")] = None,
+    checkpointing: Annotated[str, Opt(help=CHECKPOINTING_HELP)] = "auto",
 ) -> None:
     """Train a LoRA (or, with --4bit, QLoRA) adapter and write it with a loraplex.json manifest."""
     from trainer.fit import FitArgs, run
@@ -70,10 +77,13 @@ def fit(
         from trainer.qlora import RECIPE
 
         lr = RECIPE.lr if load_4bit else 2e-4
+    from trainer.kernels import KERNELS
+
     args = FitArgs(base=base, data=data, r=r, alpha=alpha, dropout=dropout, targets=targets, load_4bit=load_4bit,
                    epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_seq_len=max_seq_len,
                    packing=packing, eval_split=eval_split, seed=seed, out=out, name=name, resume=resume,
-                   overwrite=overwrite, save_every=save_every)
+                   overwrite=overwrite, save_every=save_every, max_steps=max_steps,
+                   kernels=replace(KERNELS, checkpointing=checkpointing))
     try:
         result = run(args)
     except _user_errors() as e:
@@ -99,12 +109,26 @@ def plan(
     max_seq_len: int = 256,
     load_4bit: Annotated[bool, Opt("--4bit", help="Plan for the CUDA QLoRA path's optimizer when on CUDA.")] = False,
     device: Annotated[Optional[str], Opt(help="cpu or cuda (default: this host).")] = None,
+    checkpointing: Annotated[str, Opt(help=CHECKPOINTING_HELP)] = "auto",
+    answer_fraction: Annotated[float, Opt(help="Share of tokens that have a loss target (answer tokens): only "
+                                               "those rows go through the LM head.")] = 1.0,
 ) -> None:
-    """Print the memory breakdown of full fine-tuning vs LoRA vs QLoRA for BASE."""
+    """Print the memory breakdown of full fine-tuning vs LoRA vs QLoRA for BASE, as fit would allocate it.
+
+    weights: parameters in the compute dtype (bf16 on CUDA, fp32 on CPU), target linears in NF4 with
+    --4bit; on CUDA an untied input embedding stays in host memory. adapter: LoRA A and B in fp32,
+    plus their bf16 copies under autocast on CUDA. gradients: fp32 per adapter weight. optimizer:
+    AdamW's two fp32 moments, or paged 8-bit AdamW (QLoRA on CUDA). activations: what autograd keeps
+    for backward: all layers without checkpointing; each layer's input (on the host when offloaded)
+    plus one recomputed layer with it; and the final norm and the answer tokens' rows for the loss.
+    On CUDA the total is what torch.cuda.max_memory_allocated reports at the step's peak.
+    """
     import torch
 
     from server.adapters.compat import rank_violation
+    from trainer import checkpoint as checkpoint_mod
     from trainer.base import BaseModelError, resolve
+    from trainer.kernels import KERNELS
     from trainer.model import choose_precision, resolve_targets
     from trainer.plan import plan as make_plan
 
@@ -113,15 +137,20 @@ def plan(
             raise IncompatibleAdapter([v])
         b = resolve(base)
         t = resolve_targets(targets, b)
-    except (BaseModelError, IncompatibleAdapter) as e:
+        dev = device or choose_precision(load_4bit).device
+        mode = checkpoint_mod.resolve(checkpointing, dev)
+    except (BaseModelError, IncompatibleAdapter, ValueError) as e:
         _fail(str(e))
-    dev = device or choose_precision(load_4bit).device
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if dev == "cuda" else torch.float32
+    dtype = (torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16) \
+        if dev == "cuda" else torch.float32
     p = make_plan(b.config, r=r, targets=t, batch_size=batch_size, seq_len=max_seq_len, load_4bit=load_4bit,
-                  compute_dtype=dtype, device=dev)
+                  compute_dtype=dtype, device=dev, checkpointing=mode,
+                  embedding_on_host=dev == "cuda" and KERNELS.embed_on_host, answer_fraction=answer_fraction)
     typer.echo(f"{b.name}: {p.shape.params / 1e6:.1f}M params ({p.shape.linear_params / 1e6:.1f}M in target-able "
                f"linears), adapter r={r} on {','.join(t)}: {p.shape.adapter_params(r, t) / 1e6:.2f}M params")
-    typer.echo(f"device {dev}, compute dtype {str(dtype).removeprefix('torch.')}, batch {batch_size} x {max_seq_len} tokens\n")
+    typer.echo(f"device {dev}, compute dtype {str(dtype).removeprefix('torch.')}, batch {batch_size} x {max_seq_len} "
+               f"tokens, checkpointing {mode}" + (", input embedding in host memory" if p.embedding_on_host else "")
+               + "\n")
     typer.echo(p.table())
 
 

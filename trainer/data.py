@@ -212,10 +212,45 @@ def load(path: Path, tokenizer, *, max_seq_len: int, eval_split: float, seed: in
 
 @dataclass
 class Batch:
+    """Rows of token ids, right-padded to the widest row.
+
+    ``labels`` follow Hugging Face's convention (aligned with ``input_ids``; the
+    model shifts them). ``targets`` are already shifted, *per example*: token t's
+    target is the label of token t+1 of the same example, and the last token of
+    each example has none, so a packed row never asks one example to predict the
+    next one's first token. ``seq_lens`` lists each row's examples in order: the
+    document boundaries varlen attention needs.
+    """
+
     input_ids: list[list[int]]
     labels: list[list[int]]
     position_ids: list[list[int]]
+    targets: list[list[int]]
+    seq_lens: list[list[int]]
     n_tokens: int
+    """Real tokens (no padding)."""
+    n_targets: int
+    """Tokens the loss is taken on: what the step's mean is taken over."""
+
+
+def _targets(ex: Example) -> list[int]:
+    return ex.labels[1:] + [IGNORE]
+
+
+def pack(examples: list[Example], max_seq_len: int) -> list[list[Example]]:
+    """Lay examples end to end, in order, into rows of at most ``max_seq_len`` tokens."""
+    rows: list[list[Example]] = []
+    current: list[Example] = []
+    used = 0
+    for ex in examples:
+        if current and used + len(ex.input_ids) > max_seq_len:
+            rows.append(current)
+            current, used = [], 0
+        current.append(ex)
+        used += len(ex.input_ids)
+    if current:
+        rows.append(current)
+    return rows
 
 
 def batches(examples: list[Example], *, batch_size: int, max_seq_len: int, packing: bool,
@@ -224,37 +259,30 @@ def batches(examples: list[Example], *, batch_size: int, max_seq_len: int, packi
 
     Without packing each row is one example, right-padded. With packing,
     examples are laid end to end into rows of up to ``max_seq_len`` tokens and
-    ``position_ids`` restart at every example; transformers turns that into a
-    block-diagonal causal mask, so packed examples never attend to each other.
+    ``position_ids`` restart at every example, so packed examples never attend
+    to each other: on CUDA the trainer runs varlen attention over ``seq_lens``
+    (no padding at all); elsewhere transformers turns the restarting
+    ``position_ids`` into a block-diagonal causal mask.
     """
     order = list(examples)
     rng.shuffle(order)
-    rows: list[list[Example]] = []
-    if packing:
-        current: list[Example] = []
-        used = 0
-        for ex in order:
-            if current and used + len(ex.input_ids) > max_seq_len:
-                rows.append(current)
-                current, used = [], 0
-            current.append(ex)
-            used += len(ex.input_ids)
-        if current:
-            rows.append(current)
-    else:
-        rows = [[ex] for ex in order]
+    rows = pack(order, max_seq_len) if packing else [[ex] for ex in order]
     for i in range(0, len(rows), batch_size):
         chunk = rows[i : i + batch_size]
-        ids, labels, pos = [], [], []
+        ids, labels, pos, targets = [], [], [], []
         for row in chunk:
             ids.append([t for ex in row for t in ex.input_ids])
             labels.append([t for ex in row for t in ex.labels])
             pos.append([p for ex in row for p in range(len(ex.input_ids))])
+            targets.append([t for ex in row for t in _targets(ex)])
         width = max(map(len, ids))
         n_tokens = sum(map(len, ids))
-        for a, b, c in zip(ids, labels, pos):
+        n_targets = sum(1 for row in targets for t in row if t != IGNORE)
+        for a, b, c, d in zip(ids, labels, pos, targets):
             pad = width - len(a)
             a += [pad_id] * pad
             b += [IGNORE] * pad
             c += list(range(len(c), len(c) + pad))
-        yield Batch(ids, labels, pos, n_tokens)
+            d += [IGNORE] * pad
+        yield Batch(ids, labels, pos, targets, [[len(ex.input_ids) for ex in row] for row in chunk],
+                    n_tokens, n_targets)

@@ -75,11 +75,14 @@ def greedy(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new
 def evaluate(model, tokenizer, path: Path, *, label: str, limit: int | None, max_seq_len: int,
              max_new_tokens: int = 16) -> Report:
     from trainer.fit import eval_loss
+    from trainer.step import Forward
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = str(next(model.parameters()).device)
+    device = next(model.parameters()).device.type
     ds = data_mod.load(path, tokenizer, max_seq_len=max_seq_len, eval_split=0.0, seed=0)
-    loss = eval_loss(model, ds.train[:limit], batch_size=16, max_seq_len=max_seq_len, pad_id=pad, device=device)
+    # The fit's own loss (answer tokens, logits in fp32), on any device: eval on CUDA and on CPU agree.
+    forward = Forward.of(model, device=device, padding_free=False, fused_loss=False, autocast=None)
+    loss = eval_loss(forward, model, ds.train[:limit], batch_size=16, max_seq_len=max_seq_len, pad_id=pad)
     prompts, answers, _ = prompts_and_answers(path, tokenizer, limit)
     gens = greedy(model, prompts, pad_id=pad, eos_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens)
     got = [tokenizer.decode(g, skip_special_tokens=True).strip() for g in gens]

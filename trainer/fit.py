@@ -30,9 +30,14 @@ import torch
 
 from server.adapters.compat import IncompatibleAdapter, Violation, ensure_servable, rank_violation
 from trainer import base as base_mod
+from trainer import checkpoint as checkpoint_mod
 from trainer import data as data_mod
+from trainer import kernels as kernels_mod
+from trainer.kernels import KERNELS, Kernels
 from trainer.model import Precision, choose_precision, load_base, lora_config, resolve_targets
 from trainer.qlora import RECIPE, QLoRARecipe, bnb_skip_modules
+from trainer import step as step_mod
+from trainer.step import Forward
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +60,9 @@ class FitArgs:
     """LoRA rank. Higher: more capacity, more adapter memory per GPU slot."""
     alpha: int | None = None
     """LoRA alpha; default 2*r (scale alpha/r = 2)."""
-    dropout: float = 0.05
+    dropout: float = 0.0
+    """LoRA dropout on the adapter input. Above 0, PEFT copies every target's input for its mask:
+    7 more activations a layer to keep and write. 0 is PEFT's, torchtune's and Unsloth's default."""
     targets: str = "all-linear"
     """`all-linear` or a comma list (q_proj,v_proj,...)."""
     load_4bit: bool = False
@@ -79,6 +86,10 @@ class FitArgs:
     """Optimizer steps between checkpoints; 0: only on Ctrl-C."""
     recipe: QLoRARecipe = RECIPE
     """How --4bit trains (see trainer/qlora.py); ignored without --4bit."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides --epochs)."""
+    kernels: Kernels = KERNELS
+    """The CUDA fast paths (trainer/kernels.py) and the checkpointing mode (trainer/checkpoint.py)."""
 
     def __post_init__(self):
         if self.alpha is None:
@@ -131,6 +142,9 @@ def validate_args(args: FitArgs) -> None:
         (args.batch_size >= 1, "--batch-size", "must be >= 1"),
         (args.grad_accum >= 1, "--grad-accum", "must be >= 1"),
         (args.max_seq_len >= 8, "--max-seq-len", "must be >= 8"),
+        (args.max_steps is None or args.max_steps >= 1, "--max-steps", "must be >= 1"),
+        (args.kernels.checkpointing in checkpoint_mod.MODES, "--checkpointing",
+         f"must be one of {', '.join(checkpoint_mod.MODES)}"),
         (0.0 <= args.eval_split < 1.0, "--eval-split", "must be in [0, 1)"),
     ]
     for ok, flag, msg in checks:
@@ -214,17 +228,9 @@ def _peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_lifetime_peak_rss"
 
 
-def _to_tensors(batch: data_mod.Batch, device: str) -> dict:
-    return {
-        "input_ids": torch.tensor(batch.input_ids, device=device),
-        "labels": torch.tensor(batch.labels, device=device),
-        "position_ids": torch.tensor(batch.position_ids, device=device),
-    }
-
-
 @torch.no_grad()
-def eval_loss(model, examples: list[data_mod.Example], *, batch_size: int, max_seq_len: int,
-              pad_id: int, device: str) -> float | None:
+def eval_loss(forward: Forward, model, examples: list[data_mod.Example], *, batch_size: int,
+              max_seq_len: int, pad_id: int) -> float | None:
     """Token-weighted mean loss over the target tokens."""
     if not examples:
         return None
@@ -233,14 +239,8 @@ def eval_loss(model, examples: list[data_mod.Example], *, batch_size: int, max_s
     total, count = 0.0, 0
     for batch in data_mod.batches(examples, batch_size=batch_size, max_seq_len=max_seq_len,
                                   packing=False, pad_id=pad_id, rng=random.Random(0)):
-        t = _to_tensors(batch, device)
-        logits = model(input_ids=t["input_ids"], position_ids=t["position_ids"]).logits.float()
-        # [batch, seq, vocab] predicts the next token: shift by one
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), t["labels"][:, 1:].reshape(-1),
-            ignore_index=data_mod.IGNORE, reduction="sum")
-        total += loss.item()
-        count += int((t["labels"][:, 1:] != data_mod.IGNORE).sum())
+        total += forward.loss_sum(batch).item()
+        count += batch.n_targets
     model.train(was_training)
     return total / max(count, 1)
 
@@ -251,11 +251,41 @@ def _optimizer(params, args: FitArgs, precision: Precision):
 
         # Paged 8-bit AdamW: states in 8 bits, paged to host RAM under pressure (QLoRA paper).
         return bnb.optim.PagedAdamW8bit(params, lr=args.lr, weight_decay=0.0)
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=precision.device == "cuda")
+
+
+def _prepare(s: Setup):
+    """The base in the compute dtype (NF4 linears with --4bit), frozen, wrapped in a LoRA adapter,
+    with the fast paths this host has (trainer/kernels.py) and activation checkpointing."""
+    from peft import get_peft_model
+
+    args, kernels, cuda = s.args, s.args.kernels, s.precision.device == "cuda"
+    have = kernels_mod.available(s.precision.device)
+    padding_free = kernels.varlen and have["varlen"] is None
+    if padding_free:
+        kernels_mod.register_varlen()
+    model = load_base(s.base, s.precision, skip_modules=bnb_skip_modules(args.recipe),
+                      attn_implementation=kernels_mod.VARLEN if padding_free else "sdpa")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(args.seed)  # the adapter's initial A: the same whatever loading drew before
+    model = get_peft_model(model, lora_config(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=s.targets))
+    used = {"padding_free": padding_free, "liger": False, "fused_loss": kernels.fused_loss and cuda,
+            "embedding_on_host": False}
+    if kernels.liger and have["liger"] is None:
+        used["liger"] = kernels_mod.apply_liger(model)
+    mode = checkpoint_mod.resolve(kernels.checkpointing, s.precision.device)
+    checkpoint_mod.enable(model, mode)
+    used["checkpointing"] = mode
+    forward = Forward.of(model, device=s.precision.device, padding_free=padding_free, fused_loss=kernels.fused_loss,
+                         autocast=s.precision.compute_dtype if cuda else None)
+    if cuda and kernels.embed_on_host:
+        used["embedding_on_host"] = forward.move_embedding_to_host() > 0
+    model.train()
+    return model, forward, used
 
 
 def fit(s: Setup, *, progress: bool = True) -> FitResult:
-    from peft import get_peft_model
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
@@ -267,13 +297,8 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
     else:
         _reset_peak_rss()
 
-    model = load_base(s.base, s.precision, skip_modules=bnb_skip_modules(args.recipe))
-    if s.precision.load_4bit:
-        from trainer.qlora import prepare_4bit
-
-        model = prepare_4bit(model, s.precision)
-    model = get_peft_model(model, lora_config(r=args.r, alpha=args.alpha, dropout=args.dropout, targets=s.targets))
-    model.train()
+    model, forward, used = _prepare(s)
+    setup_bytes = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
 
     pad_id = s.tokenizer.pad_token_id if s.tokenizer.pad_token_id is not None else s.tokenizer.eos_token_id
     n_batches = math.ceil(len(s.dataset.train) / args.batch_size) if not args.packing else None
@@ -282,7 +307,7 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
                                                     max_seq_len=args.max_seq_len, packing=True,
                                                     pad_id=pad_id, rng=random.Random(0)))
     steps_per_epoch = math.ceil(n_batches / args.grad_accum)
-    total_steps = max(1, math.ceil(steps_per_epoch * args.epochs))
+    total_steps = args.max_steps or max(1, math.ceil(steps_per_epoch * args.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(trainable, args, s.precision)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(total_steps * args.warmup_ratio), total_steps)
@@ -325,52 +350,55 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
 
+    def optimizer_steps():
+        """Each optimizer step's micro-batches, in the same order on resume."""
+        epoch = step // steps_per_epoch
+        skip = (step - epoch * steps_per_epoch) * args.grad_accum
+        while True:
+            rng = random.Random(args.seed * 1000 + epoch)
+            group: list[data_mod.Batch] = []
+            for i, batch in enumerate(data_mod.batches(s.dataset.train, batch_size=args.batch_size,
+                                                       max_seq_len=args.max_seq_len, packing=args.packing,
+                                                       pad_id=pad_id, rng=rng)):
+                if i < skip:
+                    continue
+                group.append(batch)
+                if len(group) == args.grad_accum:
+                    yield group
+                    group = []
+            epoch, skip = epoch + 1, 0  # an epoch's last group may be short: a step of its own
+            if group:
+                yield group
+
     log = (out_dir / METRICS_LOG).open("a")
     bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     interrupted = False
     try:
-        epoch = step // steps_per_epoch
-        while step < total_steps:
-            rng = random.Random(args.seed * 1000 + epoch)  # same order on resume
-            batch_iter = data_mod.batches(s.dataset.train, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                                          packing=args.packing, pad_id=pad_id, rng=rng)
-            skip = (step - epoch * steps_per_epoch) * args.grad_accum
-            micro = 0
-            accum_loss, accum_tokens, t0 = 0.0, 0, time.perf_counter()
-            for i, batch in enumerate(batch_iter):
-                if i < skip:
-                    continue
-                t = _to_tensors(batch, s.precision.device)
-                out = model(**t)
-                (out.loss / args.grad_accum).backward()
-                accum_loss += out.loss.item() / args.grad_accum
-                accum_tokens += batch.n_tokens
-                micro += 1
-                if micro % args.grad_accum:
-                    continue
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                dt = time.perf_counter() - t0
-                train_time += dt
-                tokens_seen += accum_tokens
-                losses.append(accum_loss)
-                tps = accum_tokens / dt if dt else 0.0
-                bar.set_postfix(loss=f"{accum_loss:.3f}", tok_s=f"{tps:.0f}", refresh=False)
-                bar.update()
-                if step % args.log_every == 0:
-                    log.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 3),
-                                          "loss": round(accum_loss, 5), "lr": scheduler.get_last_lr()[0],
-                                          "tokens_per_s": round(tps, 1), "elapsed_s": round(train_time, 2)}) + "\n")
-                    log.flush()
-                if args.save_every and step % args.save_every == 0:
-                    save_checkpoint()
-                accum_loss, accum_tokens, t0 = 0.0, 0, time.perf_counter()
-                if step >= total_steps:
-                    break
-            epoch += 1
+        for group in optimizer_steps():
+            if step >= total_steps:
+                break
+            t0 = time.perf_counter()
+            losses.append(step_mod.backward(forward, group))
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            n_tokens = sum(b.n_tokens for b in group)
+            train_time += dt
+            tokens_seen += n_tokens
+            tps = n_tokens / dt if dt else 0.0
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+            bar.update()
+            if step % args.log_every == 0:
+                log.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                      "loss": round(losses[-1], 5), "lr": scheduler.get_last_lr()[0],
+                                      "tokens": n_tokens, "seconds": round(dt, 4), "tokens_per_s": round(tps, 1),
+                                      "elapsed_s": round(train_time, 2)}) + "\n")
+                log.flush()
+            if args.save_every and step % args.save_every == 0:
+                save_checkpoint()
     except KeyboardInterrupt:
         interrupted = True
     finally:
@@ -384,23 +412,24 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
         raise KeyboardInterrupt(f"interrupted at step {step}/{total_steps}; checkpoint saved in {ckpt} "
                                 f"(continue with --resume)")
 
-    pad = pad_id
-    train_loss = eval_loss(model, s.dataset.train[:256], batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                           pad_id=pad, device=s.precision.device)
-    ev_loss = eval_loss(model, s.dataset.eval, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
-                        pad_id=pad, device=s.precision.device)
-    peak, peak_kind = _peak_memory()
+    peak, peak_kind = _peak_memory()  # the training step's peak, before evaluation allocates its own
+    train_loss = eval_loss(forward, model, s.dataset.train[:256], batch_size=args.batch_size,
+                           max_seq_len=args.max_seq_len, pad_id=pad_id)
+    ev_loss = eval_loss(forward, model, s.dataset.eval, batch_size=args.batch_size, max_seq_len=args.max_seq_len,
+                        pad_id=pad_id)
     log.write(json.dumps({"step": step, "train_loss": train_loss, "eval_loss": ev_loss}) + "\n")
     log.close()
 
     from trainer.plan import plan as make_plan
 
-    # Plan for the widest batch this data actually makes (rows are padded to
-    # the longest example in their batch, not to --max-seq-len).
+    # Plan for the batches this data actually makes: packed rows fill --max-seq-len; unpacked rows
+    # are as wide as the longest example.
     widest = args.max_seq_len if args.packing else max(len(e.input_ids) for e in s.dataset.train)
     planned = make_plan(s.base.config, r=args.r, targets=s.targets, batch_size=args.batch_size,
-                        seq_len=widest, load_4bit=args.load_4bit,
-                        compute_dtype=s.precision.compute_dtype, device=s.precision.device)
+                        seq_len=widest, load_4bit=args.load_4bit, compute_dtype=s.precision.compute_dtype,
+                        device=s.precision.device, checkpointing=used["checkpointing"],
+                        embedding_on_host=used["embedding_on_host"],
+                        answer_fraction=sum(e.n_target for e in s.dataset.train) / max(1, s.dataset.train_tokens))
     metrics = {
         "train_loss": train_loss,
         "train_perplexity": math.exp(train_loss) if train_loss is not None else None,
@@ -413,7 +442,9 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
         "tokens_per_s": round(tokens_seen / train_time, 1) if train_time else None,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
+        "setup_memory_bytes": setup_bytes,
         "planned_memory_bytes": planned.mode("qlora" if args.load_4bit else "lora").total,
+        "kernels": used,
     }
     manifest = save(model, s, metrics)
     return FitResult(out_dir, manifest, losses)
@@ -423,7 +454,7 @@ def fit(s: Setup, *, progress: bool = True) -> FitResult:
 
 
 def _jsonable(d: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k != "recipe"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items() if k not in ("recipe", "kernels")}
 
 
 def save(model, s: Setup, metrics: dict) -> dict:

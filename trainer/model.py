@@ -69,10 +69,19 @@ def resolve_targets(targets: str, base: BaseModel) -> list[str] | str:
     return value
 
 
-def load_base(base: BaseModel, precision: Precision, *, skip_modules: list[str] | None = None):
+def load_base(base: BaseModel, precision: Precision, *, skip_modules: list[str] | None = None,
+              attn_implementation: str | None = None):
+    """The base in the compute dtype, its target linears in NF4 with --4bit.
+
+    Nothing is upcast: embeddings, norms and ``lm_head`` stay in the compute dtype
+    (bf16 on CUDA), where ``prepare_model_for_kbit_training`` would make them fp32
+    and with them the whole residual stream outside the 4-bit matmuls.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": precision.compute_dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     if precision.load_4bit:
         check_bitsandbytes()
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -82,9 +91,10 @@ def load_base(base: BaseModel, precision: Precision, *, skip_modules: list[str] 
             bnb_4bit_compute_dtype=precision.compute_dtype,
             llm_int8_skip_modules=skip_modules,  # also the 4-bit skip list, despite its name
         )
-        kwargs["device_map"] = {"": precision.device}
+    if precision.load_4bit or precision.device == "cuda":
+        kwargs["device_map"] = {"": precision.device}  # straight onto the GPU, not through host memory
     model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
-    if not precision.load_4bit:
+    if "device_map" not in kwargs:
         model.to(precision.device)
     return model
 

@@ -1,22 +1,22 @@
 """Memory before training: full fine-tuning vs LoRA vs QLoRA for one base.
 
-The classic rule of thumb (16-bit weights 2N bytes, gradients 2N, Adam more)
-is where this starts; the numbers below follow what *this* trainer actually
-allocates:
+The numbers follow what *this* trainer allocates, term by term (``trainer plan``
+prints them; the README explains each):
 
-- full FT: every parameter in the compute dtype, a gradient of the same dtype,
-  and torch AdamW's two moment tensors, which PyTorch keeps in the parameter's
-  dtype (so 4 bytes/param of state in bf16, 8 in fp32).
-- LoRA: frozen base in the compute dtype; adapter A [r, in] and B [out, r] per
-  target in fp32 (PEFT keeps adapters fp32 over a 16-bit base), fp32 grads,
-  AdamW states 2 x fp32.
-- QLoRA: target linears in NF4 (4 bits + one absmax per 64-weight block; with
-  double quant the absmax is 8-bit plus an fp32 scale per 256 blocks); every
-  other parameter (embeddings, norms, lm_head) upcast to fp32 by
-  prepare_model_for_kbit_training. On CUDA, paged 8-bit AdamW: 2 bytes/param
-  of state; on CPU, torch AdamW: 8.
-- activations: what autograd saves per decoder layer for a [batch, seq]
-  input (see ``activation_bytes``), plus the logits and their fp32 copy.
+- **weights**: every parameter in the compute dtype (bf16 on CUDA, fp32 on CPU);
+  with --4bit the target linears in NF4 (4 bits, plus an 8-bit absmax per 64
+  weights and an fp32 scale per 256 absmaxes). Nothing is upcast to fp32. On
+  CUDA a frozen, untied input embedding stays in host memory
+  (``embedding_on_host``) and is not counted.
+- **adapter**: LoRA's A [r, in] and B [out, r] per target in fp32 (PEFT keeps
+  adapters fp32), plus their bf16 copies under autocast on CUDA.
+- **gradients**: fp32, one per adapter weight.
+- **optimizer**: torch AdamW, two fp32 moments (8 bytes/param); QLoRA on CUDA
+  uses paged 8-bit AdamW (2 bytes/param, in CUDA managed memory).
+- **activations**: what autograd keeps for backward (see :func:`activation_bytes`):
+  every layer's activations without checkpointing; with it, each layer's
+  input (none on the device when offloaded) plus one layer's recomputed
+  activations at a time; and the loss, which sees only answer tokens' rows.
 """
 
 from __future__ import annotations
@@ -58,9 +58,13 @@ class Shape:
         return self.layers * sum(a * b for a, b in self.linears().values())
 
     @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
     def other_params(self) -> int:
         """Embeddings, lm_head (if untied), RMSNorm weights."""
-        emb = self.vocab * self.hidden * (1 if self.tied else 2)
+        emb = self.embedding_params * (1 if self.tied else 2)
         norms = (2 * self.layers + 1) * self.hidden
         return emb + norms
 
@@ -92,6 +96,8 @@ class Plan:
     modes: dict[str, Breakdown]
     compute_dtype: torch.dtype
     device: str
+    checkpointing: str
+    embedding_on_host: bool
 
     def mode(self, name: str) -> Breakdown:
         return self.modes[name]
@@ -121,42 +127,70 @@ def nf4_bytes(n: int, double_quant: bool = True) -> int:
     return n // 2 + 4 * blocks  # fp32 absmax
 
 
-def activation_bytes(shape: Shape, *, batch: int, seq: int, elem: int, lora_targets: list[str] | None) -> int:
-    """Tensors autograd keeps for backward, per the Llama forward:
+def layer_values(shape: Shape, *, fused: bool) -> int:
+    """Values per token that autograd keeps for one decoder layer's backward (LoRA on every linear,
+    no LoRA dropout, so each LoRA A reads the tensor its base linear already read):
 
-    per layer, in elements of [batch*seq, .]: residual in and RMSNorm out (2h),
-    q/k/v after RoPE (q + 2kv), attention out (q), second residual and norm (2h),
-    gate and up outputs, SiLU(gate) and its product with up (4i); SDPA keeps no
-    [seq, seq] score matrix. LoRA adds, per target, its dropout output (in) and
-    the A output (r). Final norm (h), logits in the compute dtype and their
-    fp32 copy for the loss.
+    RMSNorm input and output (2h), the attention's q, k, v and output (2q + 2kv), the
+    second norm's input and output (2h), and the MLP's gate, up and their product (3i;
+    the eager SwiGLU also keeps SiLU(gate): 4i). A frozen linear keeps nothing of its own.
     """
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return 4 * h + 2 * q + 2 * kv + (3 if fused else 4) * i
+
+
+def activation_bytes(shape: Shape, *, batch: int, seq: int, elem: int, checkpointing: str = "off",
+                     fused: bool = False, answer_fraction: float = 1.0) -> int:
+    """Device bytes of activations at the step's peak.
+
+    - off: every layer's :func:`layer_values`, for all tokens.
+    - layers: each layer's input (h per token), plus one layer recomputed during its backward.
+    - offload: the inputs live in host memory; two are on the device at a time (the layer in
+      backward and the one prefetched), plus one layer recomputed.
+
+    Plus the head: the final norm's input and output (2h per token) and, for the loss, the
+    answer tokens' rows (h) and their gradient (h). The full logits are never built by the
+    fused loss; without it they are (vocab per token in the compute dtype and again in fp32).
+    """
     tokens = batch * seq
-    per_layer = 2 * h + (q + 2 * kv) + q + 2 * h + 4 * i
-    lora = 0
-    if lora_targets:
-        lin = shape.linears()
-        lora = sum(lin[t][0] for t in lora_targets)
-    layers = shape.layers * tokens * (per_layer + lora) * elem
-    head = tokens * h * elem + tokens * shape.vocab * (elem + 4)
+    per_layer = tokens * layer_values(shape, fused=fused) * elem
+    kept = tokens * shape.hidden * elem
+    layers = {
+        "off": shape.layers * per_layer,
+        "layers": shape.layers * kept + per_layer,
+        "offload": 2 * kept + per_layer,
+    }[checkpointing]
+    answers = int(tokens * answer_fraction)
+    head = 2 * tokens * shape.hidden * elem + 2 * answers * shape.hidden * elem
+    if not fused:
+        head += answers * shape.vocab * (elem + 4)
     return layers + head
 
 
 def plan(config: dict, *, r: int, targets: list[str], batch_size: int, seq_len: int,
-         load_4bit: bool = False, compute_dtype: torch.dtype = torch.float32, device: str = "cpu") -> Plan:
+         load_4bit: bool = False, compute_dtype: torch.dtype = torch.float32, device: str = "cpu",
+         checkpointing: str = "off", embedding_on_host: bool = False, answer_fraction: float = 1.0) -> Plan:
+    """``checkpointing`` is the resolved mode (off, layers, offload); the fused kernels and the
+    fused loss are what a CUDA fit uses, the eager ones what a CPU fit uses."""
     s = Shape.from_config(config)
     e = torch.finfo(compute_dtype).bits // 8
-    n, other = s.params, s.other_params
+    cuda = device == "cuda"
+    host_emb = embedding_on_host and not s.tied
+    n, other = s.params, s.other_params - (s.embedding_params if host_emb else 0)
     a = s.adapter_params(r, targets)
-    act_full = activation_bytes(s, batch=batch_size, seq=seq_len, elem=e, lora_targets=None)
-    act_lora = activation_bytes(s, batch=batch_size, seq=seq_len, elem=e, lora_targets=targets)
-    paged_8bit = device == "cuda"
+    act = activation_bytes(s, batch=batch_size, seq=seq_len, elem=e, checkpointing=checkpointing, fused=cuda,
+                           answer_fraction=answer_fraction)
+    dense = (n - (s.embedding_params if host_emb else 0)) * e
+    adapter = 4 * a + (2 * a if cuda else 0)  # fp32 weights, and their bf16 copies under autocast
+    nf4 = s.layers * sum(nf4_bytes(i * o) for i, o in s.linears().values())
     modes = {
-        "full": Breakdown(weights=n * e, gradients=n * e, optimizer=2 * n * e, adapter=0, activations=act_full),
-        "lora": Breakdown(weights=n * e, gradients=4 * a, optimizer=8 * a, adapter=4 * a, activations=act_lora),
-        "qlora": Breakdown(weights=s.layers * sum(nf4_bytes(i * o) for i, o in s.linears().values()) + 4 * other, gradients=4 * a,
-                           optimizer=(2 if paged_8bit else 8) * a, adapter=4 * a, activations=act_lora),
+        "full": Breakdown(weights=n * e, gradients=n * e, optimizer=2 * n * e, adapter=0,
+                          activations=activation_bytes(s, batch=batch_size, seq=seq_len, elem=e,
+                                                       checkpointing=checkpointing, fused=cuda,
+                                                       answer_fraction=answer_fraction)),
+        "lora": Breakdown(weights=dense, gradients=4 * a, optimizer=8 * a, adapter=adapter, activations=act),
+        "qlora": Breakdown(weights=nf4 + other * e, gradients=4 * a, optimizer=(2 if cuda else 8) * a,
+                           adapter=adapter, activations=act),
     }
-    return Plan(s, modes, compute_dtype, device)
+    return Plan(s, modes, compute_dtype, device, checkpointing, host_emb)

@@ -46,11 +46,3 @@ RECIPE = QLoRARecipe()
 
 def bnb_skip_modules(recipe: QLoRARecipe) -> list[str] | None:
     return ["lm_head", *recipe.keep_16bit] if recipe.keep_16bit else None
-
-
-def prepare_4bit(model, precision):
-    from peft import prepare_model_for_kbit_training
-
-    # Gradient checkpointing trades compute for activation memory; on CPU the
-    # activations are small next to host RAM and the recompute costs ~30%.
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=precision.device == "cuda")

@@ -90,6 +90,21 @@ def test_eval_split_and_packing(tmp_path, tok):
     assert all(len(r) <= 64 for r in row.input_ids)
 
 
+def test_targets_are_shifted_within_each_example_never_across(tmp_path, tok):
+    rows = [{"text": f"example {i}"} for i in range(6)]
+    ds = data.load(write(tmp_path, rows), tok, max_seq_len=64, eval_split=0.0, seed=0)
+    [batch] = list(data.batches(ds.train, batch_size=8, max_seq_len=64, packing=True, pad_id=0,
+                                rng=random.Random(0)))
+    assert len(batch.input_ids) == 1 and len(batch.seq_lens[0]) == 6  # one packed row of six examples
+    row, targets, start = batch.input_ids[0], batch.targets[0], 0
+    for n in batch.seq_lens[0]:
+        # text records train on every token: each token's target is the next one *of the same example*
+        assert targets[start : start + n - 1] == row[start + 1 : start + n]
+        assert targets[start + n - 1] == data.IGNORE  # the last token has nothing of its own to predict
+        start += n
+    assert batch.n_targets == batch.n_tokens - 6
+
+
 def test_demo_data_is_reproducible_and_disjoint():
     train, held_out = dates.build()
     assert dates.TRAIN_FILE.read_text() == dates.dumps(train)

@@ -2,7 +2,7 @@
 
 import torch
 
-from trainer.plan import Shape, nf4_bytes, plan
+from trainer.plan import Shape, layer_values, nf4_bytes, plan
 
 TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "head_dim": 64, "vocab_size": 512, "tie_word_embeddings": False}
@@ -26,6 +26,13 @@ def test_nf4_bytes_with_double_quant():
     assert nf4_bytes(16_384, double_quant=False) == 8_192 + 4 * 256
 
 
+def test_layer_values():
+    s = Shape.from_config(TINY)
+    # norms in and out 4h = 512, q/k/v/out 2q + 2kv = 384, MLP gate, up, product 3i = 768 (+ SiLU(gate) eager)
+    assert layer_values(s, fused=True) == 1664
+    assert layer_values(s, fused=False) == 1664 + 256
+
+
 def test_fp32_cpu_breakdown():
     p = plan(TINY, r=8, targets=ALL, batch_size=2, seq_len=16, compute_dtype=torch.float32, device="cpu")
     n, a = 426_624, 32_768
@@ -34,9 +41,27 @@ def test_fp32_cpu_breakdown():
     assert (lora.weights, lora.gradients, lora.optimizer, lora.adapter) == (4 * n, 4 * a, 8 * a, 4 * a)
     # q,o: 8452 each; k,v: 4228 each; gate/up/down: 16904 each -> 76072 per layer; other params fp32
     assert qlora.weights == 2 * 76_072 + 4 * 131_712
-    # 2 layers * 32 tokens * (1920 saved + 1024 LoRA-input) * 4 B, + final norm and logits (fp32 + copy)
-    assert lora.activations == 2 * 32 * (1920 + 1024) * 4 + 32 * 128 * 4 + 32 * 512 * 8
-    assert full.activations == 2 * 32 * 1920 * 4 + 32 * 128 * 4 + 32 * 512 * 8
+    # no checkpointing on CPU: 2 layers * 32 tokens * 1920 values * 4 B; the head: final norm in and out,
+    # the answer rows and their gradient (2h + 2h a token), and the logits with their fp32 copy
+    assert lora.activations == 2 * 32 * 1920 * 4 + 32 * 4 * 128 * 4 + 32 * 512 * 8
+
+
+def test_cuda_checkpointing_modes_and_the_host_embedding():
+    def total(mode, host=False, tied=False):
+        cfg = {**TINY, "tie_word_embeddings": tied}
+        return plan(cfg, r=8, targets=ALL, batch_size=1, seq_len=8, load_4bit=True, compute_dtype=torch.bfloat16,
+                    device="cuda", checkpointing=mode, embedding_on_host=host).mode("qlora")
+
+    a = 32_768
+    off, layers, offload = total("off"), total("layers"), total("offload")
+    per_layer, kept = 8 * 1664 * 2, 8 * 128 * 2  # fused kernels on CUDA; one layer input: tokens * h
+    head = 2 * 8 * 128 * 2 + 2 * 8 * 128 * 2  # no logits: the fused loss
+    assert off.activations == 2 * per_layer + head
+    assert layers.activations == 2 * kept + per_layer + head
+    assert offload.activations == 2 * kept + per_layer + head  # 2 layers: both inputs on the device at once
+    assert (offload.optimizer, offload.adapter) == (2 * a, 4 * a + 2 * a)  # paged 8-bit; fp32 + bf16 copies
+    assert total("offload", host=True).weights == offload.weights - 512 * 128 * 2
+    assert total("offload", host=True, tied=True).weights == total("offload", tied=True).weights  # needed by lm_head
 
 
 def test_bf16_cuda_uses_paged_8bit_states_for_qlora_only():

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The trainer on a GPU host (issue 20), one device call per step, back to back on one warm machine.
+# The host has torch, transformers and peft; bitsandbytes and liger-kernel travel as wheels in .whl/
+# (git-ignored; see benchmarks/README.md "Trainer on the GPU" for the pip download line).
+#
+#   bash benchmarks/trainer_gpu.sh setup           # wheels, tests/gpu (pytest -m gpu), 8B base + data
+#   bash benchmarks/trainer_gpu.sh qlora           # HF Trainer + PEFT QLoRA, then loraplex fit --4bit
+#   bash benchmarks/trainer_gpu.sh lora16          # the same in 16-bit
+#   bash benchmarks/trainer_gpu.sh ablate qlora    # loraplex with each fast path off in turn
+#
+# Rows accumulate in $BENCH_WORK/rows.jsonl; each step ends by writing trainer.json and the rows to $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+W=${BENCH_WORK:-/root/tb}
+OUT=${OUT:-$W/out}
+mkdir -p "$W" "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null && [ ! -f /tmp/site/.installed ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.installed
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+bench() { python3 benchmarks/trainer_gpu.py "$@"; }
+run() { bench run --work "$W" --rows "$W/rows.jsonl" --timeout "${RUN_TIMEOUT:-300}" "$@"; }
+
+case ${1:-} in
+  setup)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, triton; print('torch', torch.__version__, \
+'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, \
+'triton', triton.__version__)"
+    timeout 300 python3 -m pytest tests/gpu -m gpu -x -q -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu-tests.log"
+    bench prepare --work "$W"
+    ;;
+  qlora | lora16)
+    run --system hf --mode "$1"
+    run --system loraplex --mode "$1"
+    ;;
+  ablate)
+    for k in '{"liger": false}' '{"varlen": false}' '{"fused_loss": false}' '{"embed_on_host": false}' \
+             '{"checkpointing": "layers"}' '{"checkpointing": "off"}'; do
+      run --system loraplex --mode "$2" --kernels "$k"
+    done
+    ;;
+  *)
+    echo "usage: trainer_gpu.sh setup | qlora | lora16 | ablate {qlora|lora16}" >&2
+    exit 2
+    ;;
+esac
+if [ -s "$W/rows.jsonl" ]; then
+  cp "$W/rows.jsonl" "$OUT/rows.jsonl"
+  bench report --rows "$W/rows.jsonl" --out "$OUT/trainer.json" --command "bash benchmarks/trainer_gpu.sh $*"
+fi
+nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null || true
