@@ -36,7 +36,8 @@ case ${1:-} in
     run --system loraplex --mode "$1"
     ;;
   ablate)
-    for k in '{"liger": false}' '{"varlen": false}' '{"fused_loss": false}' '{"embed_on_host": false}' \
+    for k in '{"liger": false}' '{"varlen": false}' '{"fused_loss": false}' '{"lora_epilogue": false}' \
+             '{"embed_on_host": false}' \
              '{"checkpointing": "layers"}' '{"checkpointing": "off"}'; do
       run --system loraplex --mode "$2" --kernels "$k"
     done

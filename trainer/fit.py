@@ -274,6 +274,7 @@ def _prepare(s: Setup):
             "embedding_on_host": False}
     if kernels.liger and have["liger"] is None:
         used["liger"] = kernels_mod.apply_liger(model)
+    used["lora_epilogue"] = kernels_mod.apply_lora_epilogue(model) if kernels.lora_epilogue and cuda else 0
     mode = checkpoint_mod.resolve(kernels.checkpointing, s.precision.device)
     checkpoint_mod.enable(model, mode)
     used["checkpointing"] = mode

@@ -1,6 +1,6 @@
 """Faster kernels for the training step, put on one model instance, never on transformers globally.
 
-Three things, each on CUDA only and each optional (:class:`Kernels`):
+Four things, each on CUDA only and each optional (:class:`Kernels`):
 
 - **Liger's RMSNorm and SwiGLU** (Triton, ``liger-kernel``): one pass over the
   activations instead of the five or six elementwise kernels of the eager
@@ -13,7 +13,11 @@ Three things, each on CUDA only and each optional (:class:`Kernels`):
   FlashAttention's varlen kernel (``torch.nn.attention.varlen``, torch >= 2.10)
   attends within each example only. It is registered under transformers'
   ``AttentionInterface`` as :data:`VARLEN`; the model asks for it by name.
-- :func:`available` probes both once, against PyTorch's own SDPA and norm, so a
+- **The LoRA update as one GEMM epilogue**: ``addmm(base_out, x @ A.T, B.T, alpha=scale)``
+  adds ``scale * B(A x)`` into the base output inside the matmul, where PEFT
+  computes ``B(A x)``, scales it, adds it in two more passes over ``[tokens,
+  out]``, and for 4-bit bases first clones the base output.
+- :func:`available` probes Liger and varlen once, against PyTorch's own SDPA and norm, so a
   host where a kernel is missing or wrong trains on the eager path and says so.
 """
 
@@ -50,6 +54,8 @@ class Kernels:
     embed_on_host: bool = True
     """Keep a frozen, untied input embedding in host memory: a step reads a few thousand of its rows
     (32 MiB for 2 x 2048 tokens of an 8B model) and the GPU saves the whole table (0.98 GiB)."""
+    lora_epilogue: bool = True
+    """Each LoRA update added inside one addmm, not as three passes over the layer output."""
     checkpointing: str = "auto"
     """off | layers | offload | auto (trainer/checkpoint.py)."""
 
@@ -95,6 +101,38 @@ def apply_liger(model) -> dict[str, int]:
             module.forward = _swiglu.__get__(module)
             counts["swiglu"] += 1
     return counts
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def _lora_forward(module, x, *args, **kwargs):
+    """PEFT's unmerged single-adapter LoRA forward, the update fused into an addmm epilogue."""
+    result = module.base_layer(x, *args, **kwargs)  # [..., out]
+    name = module.active_adapters[0]
+    a, b = module.lora_A[name].weight, module.lora_B[name].weight  # [r, in], [out, r]
+    x_in = x if torch.is_autocast_enabled() else x.to(a.dtype)  # as PEFT: A in the adapter's dtype
+    xa = torch.nn.functional.linear(module.lora_dropout[name](x_in), a)  # [..., r]
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), xa.reshape(-1, xa.shape[-1]).to(result.dtype),
+                      b.t().to(result.dtype), alpha=module.scaling[name])
+    return out.view(result.shape)
+
+
+def apply_lora_epilogue(model) -> int:
+    """Give this model's plain LoRA layers (one active adapter, unmerged, no DoRA or other variant) the
+    fused forward; returns how many. Layers in any other state keep PEFT's forward."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not hasattr(module, "base_layer"):
+            continue
+        if (len(module.active_adapters) != 1 or module.merged or module.disable_adapters
+                or getattr(module, "lora_variant", {}) or any(module.use_dora.values())):
+            continue
+        module.forward = _lora_forward.__get__(module)
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------- varlen attention

@@ -35,7 +35,7 @@ def batch(tiny_base, tiny_data):
     return next(data.batches(ds.train, batch_size=2, max_seq_len=96, packing=True, pad_id=0, rng=random.Random(0)))
 
 
-def run(tiny_base, batch, *, liger=False, padding_free=False, fused=False, mode="off"):
+def run(tiny_base, batch, *, liger=False, padding_free=False, fused=False, mode="off", epilogue=False):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -50,6 +50,8 @@ def run(tiny_base, batch, *, liger=False, padding_free=False, fused=False, mode=
                 p.normal_(0, 0.05, generator=torch.Generator("cuda").manual_seed(i))
     if liger:
         assert kernels.apply_liger(model)["swiglu"] == 2
+    if epilogue:
+        assert kernels.apply_lora_epilogue(model) == 14
     checkpoint.enable(model, mode)
     model.train()
     forward = Forward.of(model, device="cuda", padding_free=padding_free, fused_loss=fused, autocast=torch.bfloat16)
@@ -67,10 +69,10 @@ def test_every_fast_path_is_available_here():
     assert kernels.available("cuda") == {"liger": None, "varlen": None}
 
 
-@pytest.mark.parametrize("fast", [dict(liger=True), dict(padding_free=True), dict(fused=True),
+@pytest.mark.parametrize("fast", [dict(liger=True), dict(padding_free=True), dict(fused=True), dict(epilogue=True),
                                   dict(mode="layers"), dict(mode="offload"),
-                                  dict(liger=True, padding_free=True, fused=True, mode="offload")],
-                         ids=["liger", "varlen", "fused-loss", "checkpoint", "offload", "all"])
+                                  dict(liger=True, padding_free=True, fused=True, epilogue=True, mode="offload")],
+                         ids=["liger", "varlen", "fused-loss", "lora-epilogue", "checkpoint", "offload", "all"])
 def test_fast_path_computes_the_eager_function(tiny_base, batch, eager, fast):
     loss, grads = run(tiny_base, batch, **fast)
     assert rel(loss, eager[0]) < 1e-2
@@ -92,6 +94,7 @@ def test_fit_on_cuda_uses_every_fast_path_and_learns(fitted):
     assert m["peak_memory_kind"] == "cuda_max_allocated"
     used = m["kernels"]
     assert used["padding_free"] and used["liger"] and used["fused_loss"] and used["embedding_on_host"], used
+    assert used["lora_epilogue"] == 14, used
     assert used["checkpointing"] == "offload"
     assert sum(fitted.losses[-3:]) < 0.5 * sum(fitted.losses[:3]), fitted.losses
 

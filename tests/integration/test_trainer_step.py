@@ -94,3 +94,18 @@ def test_micro_batches_weigh_by_answer_tokens(tiny_base, examples):
     assert one == pytest.approx(two, rel=1e-5)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_lora_epilogue_computes_what_peft_does(tiny_base, examples):
+    from trainer.kernels import apply_lora_epilogue
+
+    [batch] = data.batches(examples[:3], batch_size=3, max_seq_len=128, packing=False, pad_id=0,
+                           rng=random.Random(0))
+    peft, fused = peft_model(tiny_base, "sdpa"), peft_model(tiny_base, "sdpa")
+    assert apply_lora_epilogue(fused) == 2 * 7
+    want = loss_and_grads(peft, Forward.of(peft, device="cpu", padding_free=False, fused_loss=True, autocast=None), batch)
+    got = loss_and_grads(fused, Forward.of(fused, device="cpu", padding_free=False, fused_loss=True, autocast=None),
+                         batch)
+    assert torch.allclose(got[0], want[0], rtol=1e-5)
+    for name, g in want[1].items():
+        assert ((got[1][name] - g).norm() / g.norm()).item() < 1e-5, name
