@@ -171,7 +171,11 @@ def test_killing_one_replicas_engine_mid_stream(ray_cluster, adapter_dirs):
             return [(a["id"], a["version"], a["digest"]) for a in h.get("/v1/adapters").json()["data"]]
 
     adapters_before = registered()
-    cores = engine_cores(ray_cluster)
+    # Both replicas' engines, once they are up: on a loaded host Ray may be restarting a replica whose
+    # health check was slow (seen once in CI: no engine core at all for a moment).
+    deadline = time.time() + 240
+    while len(cores := engine_cores(ray_cluster)) < 2 and time.time() < deadline:
+        time.sleep(1)
     assert len(cores) == 2
     outcomes, started = [], threading.Semaphore(0)
 
