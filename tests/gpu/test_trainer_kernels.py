@@ -84,9 +84,11 @@ def test_fast_path_computes_the_eager_function(tiny_base, batch, eager, fast):
 def fitted(request, tiny_base, tiny_data, tmp_path_factory):
     from trainer.fit import FitArgs, run as fit_run
 
+    # As tests/integration/test_trainer_fit.py on CPU: 42 steps. (Packed, the tiny set makes 6 steps, too few to
+    # halve the loss: seen on an H100, 6.23 -> 3.44.) Unpacked rows still run padding-free on CUDA.
     return fit_run(FitArgs(base=str(tiny_base), data=tiny_data, r=8, load_4bit=request.param, epochs=6, lr=3e-3,
-                           batch_size=8, packing=True, eval_split=0.125, out=tmp_path_factory.mktemp("runs"),
-                           name="t"), progress=False)
+                           batch_size=8, eval_split=0.125, out=tmp_path_factory.mktemp("runs"), name="t"),
+                   progress=False)
 
 
 def test_fit_on_cuda_uses_every_fast_path_and_learns(fitted):
