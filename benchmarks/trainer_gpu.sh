@@ -7,6 +7,8 @@
 #   bash benchmarks/trainer_gpu.sh qlora           # HF Trainer + PEFT QLoRA, then loraplex fit --4bit
 #   bash benchmarks/trainer_gpu.sh lora16          # the same in 16-bit
 #   bash benchmarks/trainer_gpu.sh ablate qlora    # loraplex with each fast path off in turn
+#   . /root/kit/env.sh && bash benchmarks/trainer_gpu.sh vllm   # after qlora, on a host with vLLM 0.25.1 staged
+#       (../shared/gpu/README.md): the QLoRA adapter fit wrote, served by vLLM against PEFT, 8 prompts
 #
 # Rows accumulate in $BENCH_WORK/rows.jsonl; each step ends by writing trainer.json and the rows to $OUT.
 set -uo pipefail
@@ -42,8 +44,13 @@ case ${1:-} in
       run --system loraplex --mode "$2" --kernels "$k"
     done
     ;;
+  vllm)
+    timeout 400 python3 benchmarks/trainer_vllm_check.py --base "$W/llama8b" --adapter "$W/runs/loraplex-qlora" \
+      --out "$OUT/vllm_check.json" > "$OUT/vllm_check.log" 2>&1
+    grep "vLLM greedy" "$OUT/vllm_check.log" || tail -n 30 "$OUT/vllm_check.log"
+    ;;
   *)
-    echo "usage: trainer_gpu.sh setup | qlora | lora16 | ablate {qlora|lora16}" >&2
+    echo "usage: trainer_gpu.sh setup | qlora | lora16 | ablate {qlora|lora16} | vllm" >&2
     exit 2
     ;;
 esac
