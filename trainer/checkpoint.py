@@ -20,12 +20,9 @@ memory for time:
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 MODES = ("auto", "off", "layers", "offload")
 
@@ -40,19 +37,17 @@ def resolve(mode: str, device: str) -> str:
     return mode
 
 
-def enable(model, mode: str) -> "HostOffload | None":
+def enable(model, mode: str) -> None:
     """Checkpoint every decoder layer of a transformers model (the PEFT-wrapped one works too)."""
     if mode == "off":
-        return None
+        return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode == "layers":
-        return None
-    offload = HostOffload()
-    for module in base.modules():
-        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offload
-    return offload
+    if mode == "offload":
+        offload = HostOffload()
+        for module in base.modules():
+            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = offload
 
 
 @dataclass

@@ -59,9 +59,6 @@ class Kernels:
     checkpointing: str = "auto"
     """off | layers | offload | auto (trainer/checkpoint.py)."""
 
-    def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
 
 KERNELS = Kernels()
 
@@ -138,7 +135,9 @@ def apply_lora_epilogue(model) -> int:
 # ---------------------------------------------------------------- varlen attention
 
 
-def _varlen_fn():
+@cache
+def _attend():
+    """torch's varlen kernel with the causal flag of this torch (2.10: is_causal; 2.11+: window_size)."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
@@ -173,11 +172,6 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     attend = _attend() if q.is_cuda else _attend_reference
     out = attend(q, k, v, cu, max_len, scaling)
     return out.unsqueeze(0), None  # [1, tokens, heads, head_dim], as transformers' sdpa returns
-
-
-@cache
-def _attend():
-    return _varlen_fn()
 
 
 @cache

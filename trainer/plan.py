@@ -185,10 +185,7 @@ def plan(config: dict, *, r: int, targets: list[str], batch_size: int, seq_len: 
     adapter = 4 * a + (2 * a if cuda else 0)  # fp32 weights, and their bf16 copies under autocast
     nf4 = s.layers * sum(nf4_bytes(i * o) for i, o in s.linears().values())
     modes = {
-        "full": Breakdown(weights=n * e, gradients=n * e, optimizer=2 * n * e, adapter=0,
-                          activations=activation_bytes(s, batch=batch_size, seq=seq_len, elem=e,
-                                                       checkpointing=checkpointing, fused=cuda,
-                                                       answer_fraction=answer_fraction)),
+        "full": Breakdown(weights=n * e, gradients=n * e, optimizer=2 * n * e, adapter=0, activations=act),
         "lora": Breakdown(weights=dense, gradients=4 * a, optimizer=8 * a, adapter=adapter, activations=act),
         "qlora": Breakdown(weights=nf4 + other * e, gradients=4 * a, optimizer=(2 if cuda else 8) * a,
                            adapter=adapter, activations=act),
