@@ -54,7 +54,14 @@ logger = logging.getLogger(__name__)
 REPLICA_HEADER = "x-loraplex-replica"
 ENGINE_HEADER = "x-loraplex-engine"
 """Set to ``dead`` on an answer from a replica whose engine is down: the ingress tries another."""
-ATTEMPTS = 3
+HEALTH_CHECK_PERIOD_S = 2
+"""How often Ray asks each engine replica's ``check_health``: a dead engine is replaced from then on."""
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 2.0)
+"""Waits before each retry of a request whose replica is gone or whose engine is down. Ray routes to the
+least-busy replica, and one whose engine died is the least busy until a health check removes it, so
+the retries span more than two health-check periods (5.7 s) rather than a few tries that all land
+on the same dead replica."""
+ATTEMPTS = len(RETRY_BACKOFF_S) + 1
 """Tries per request on replicas that are gone or whose engine is down, before a 503."""
 _INFERENCE = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 """Paths whose JSON body names a model: routed by adapter version."""
@@ -378,7 +385,7 @@ class LoraplexIngress:
                 return await _send_error(send, LoraplexError("the request failed inside the engine replica"), 500)
             if (ENGINE_HEADER, "dead") in start["headers"] and attempt + 1 < ATTEMPTS:
                 stream.cancel()
-                await asyncio.sleep(0.2 * (attempt + 1))
+                await asyncio.sleep(RETRY_BACKOFF_S[attempt])
                 continue
             break
         if start is None:
@@ -444,7 +451,7 @@ class LoraplexIngress:
                 continue
             if isinstance(second, dict) and second.get("engine_dead") and attempt + 1 < ATTEMPTS:
                 stream.cancel()
-                await asyncio.sleep(0.2 * (attempt + 1))
+                await asyncio.sleep(RETRY_BACKOFF_S[attempt])
                 continue
             break
         else:
@@ -554,7 +561,7 @@ def deployments(settings: Settings, *, replicas: int | None = None):
         num_replicas=replicas or 1,
         ray_actor_options={"num_cpus": 1, "num_gpus": 1} if gpu else {"num_cpus": 1},
         max_ongoing_requests=settings.replica_max_ongoing_requests or 2 * (settings.max_num_seqs or 128),
-        health_check_period_s=2, health_check_timeout_s=30,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=settings.shutdown_grace_s + 15)
     ingress = serve.deployment(serve.ingress()(LoraplexIngress), name="LoraplexIngress",
                                ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
