@@ -7,8 +7,10 @@
 #   bash benchmarks/trainer_gpu.sh qlora           # HF Trainer + PEFT QLoRA, then loraplex fit --4bit
 #   bash benchmarks/trainer_gpu.sh lora16          # the same in 16-bit
 #   bash benchmarks/trainer_gpu.sh ablate qlora    # loraplex with each fast path off in turn
+#   bash benchmarks/trainer_gpu.sh adapter         # 8B base + data, then only loraplex fit --4bit
 #   . /root/kit/env.sh && bash benchmarks/trainer_gpu.sh vllm   # after qlora, on a host with vLLM 0.25.1 staged
-#       (../shared/gpu/README.md): the QLoRA adapter fit wrote, served by vLLM against PEFT, 8 prompts
+#       (../shared/gpu/README.md): the QLoRA adapter fit wrote, served by vLLM against PEFT, 8 prompts,
+#       in bf16 and in fp32
 #
 # Rows accumulate in $BENCH_WORK/rows.jsonl; each step ends by writing trainer.json and the rows to $OUT.
 set -uo pipefail
@@ -30,12 +32,16 @@ case ${1:-} in
     python3 -c "import torch, transformers, peft, bitsandbytes, liger_kernel, triton; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, \
 'triton', triton.__version__)"
-    timeout 300 python3 -m pytest tests/gpu -m gpu -x -q -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu-tests.log"
+    timeout 300 python3 -m pytest tests/gpu -m gpu -q -p no:cacheprovider 2>&1 | tail -n 40 | tee "$OUT/gpu-tests.log"
     bench prepare --work "$W"
     ;;
   qlora | lora16)
     run --system hf --mode "$1"
     run --system loraplex --mode "$1"
+    ;;
+  adapter)  # the vllm step's input on a fresh host: the 8B base and data, then fit --4bit
+    bench prepare --work "$W"
+    run --system loraplex --mode qlora
     ;;
   ablate)
     for k in '{"liger": false}' '{"varlen": false}' '{"fused_loss": false}' '{"lora_epilogue": false}' \
@@ -45,12 +51,14 @@ case ${1:-} in
     done
     ;;
   vllm)
-    timeout 400 python3 benchmarks/trainer_vllm_check.py --base "$W/llama8b" --adapter "$W/runs/loraplex-qlora" \
-      --out "$OUT/vllm_check.json" > "$OUT/vllm_check.log" 2>&1
-    grep "vLLM greedy" "$OUT/vllm_check.log" || tail -n 30 "$OUT/vllm_check.log"
+    for dtype in bfloat16 float32; do  # bf16 is the target; fp32 has no rounding near-ties to decide
+      timeout 300 python3 benchmarks/trainer_vllm_check.py --base "$W/llama8b" --adapter "$W/runs/loraplex-qlora" \
+        --dtype $dtype --out "$OUT/vllm_check-$dtype.json" > "$OUT/vllm_check-$dtype.log" 2>&1
+      grep "vLLM greedy" "$OUT/vllm_check-$dtype.log" || tail -n 30 "$OUT/vllm_check-$dtype.log"
+    done
     ;;
   *)
-    echo "usage: trainer_gpu.sh setup | qlora | lora16 | ablate {qlora|lora16} | vllm" >&2
+    echo "usage: trainer_gpu.sh setup | qlora | lora16 | adapter | ablate {qlora|lora16} | vllm" >&2
     exit 2
     ;;
 esac
