@@ -39,8 +39,8 @@ case ${1:-} in
     run --system hf --mode "$1"
     run --system loraplex --mode "$1"
     ;;
-  adapter)  # the vllm step's input on a fresh host: the 8B base and data, then fit --4bit
-    bench prepare --work "$W"
+  adapter)  # the vllm step's input on a fresh host: the base (BENCH_SHAPE, default the 8B) and data, then fit --4bit
+    bench prepare --work "$W" --shape "${BENCH_SHAPE:-llama-3.1-8b}"
     run --system loraplex --mode qlora
     ;;
   ablate)
