@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int | None = Field(None, ge=1)
     """Longest prompt (or sum of chat message contents) in characters, refused before it is tokenized;
     default 64 x --max-model-len."""
+    max_prompts: int = Field(64, ge=1)
+    """Most prompts in one completions request (a list of prompts). Each prompt runs as one engine
+    request and counts as one against the tenant's --max-concurrency; more is a 400 naming
+    `prompt`, refused before any prompt is tokenized."""
     body_timeout_s: float = Field(10.0, gt=0.0)
     """A request body that stalls this long between chunks (or a JSON body not complete after this
     long) is a 408, so a client that claims a large body and sends a little holds nothing."""

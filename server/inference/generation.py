@@ -140,6 +140,16 @@ class InferenceService:
 
     # ------------------------------------------------------------ prepare
 
+    def check_prompt_count(self, principal: Principal, count: int, field: str = "prompt") -> None:
+        """A request's prompts fan out into one engine request each: bound them before any is
+        tokenized, by the server's --max-prompts and by what the tenant may run at once."""
+        limit = self.settings.max_prompts
+        if not principal.is_admin:
+            limit = min(limit, principal.quotas.max_concurrent_requests)
+        if count > limit:
+            raise InvalidArgument(f"the request has {count} prompts; at most {limit} are taken in one request "
+                                  "(each runs as a request of its own); send the rest in another", field=field)
+
     def prepare(self, principal: Principal, model: str, prompts: list[list[int]], sampling: Sampling, *,
                 prompt_field: str, client_ids: bool = False, truncate: int | None = None,
                 cache_salt: str | None = None) -> Generation:
@@ -149,6 +159,7 @@ class InferenceService:
         limit = self.settings.max_model_len
         if not prompts:
             raise InvalidArgument("the prompt is empty", field=prompt_field)
+        self.check_prompt_count(principal, len(prompts), prompt_field)
         checked = []
         for i, ids in enumerate(prompts):
             where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
@@ -197,7 +208,7 @@ class InferenceService:
             if key in self.active:
                 raise Conflict(f"a request with id {request_id!r} is already running; request ids are unique while "
                                "in flight", field="X-Request-Id")
-            lease = self.inflight.admit(principal, gen.sampling.max_tokens * gen.choices)
+            lease = self.inflight.admit(principal, gen.sampling.max_tokens * gen.choices, len(gen.prompts))
         except LoraplexError:
             series.requests(endpoint, "rejected").inc()
             raise

@@ -108,53 +108,56 @@ class SharedRateLimiter:
 class Lease:
     """One admitted request's share of its tenant's in-flight limits; :meth:`release` is idempotent."""
 
-    __slots__ = ("_limiter", "_tenant", "tokens")
+    __slots__ = ("_limiter", "_tenant", "requests", "tokens")
 
-    def __init__(self, limiter: InFlightLimiter | None, tenant: str, tokens: int):
-        self._limiter, self._tenant, self.tokens = limiter, tenant, tokens
+    def __init__(self, limiter: InFlightLimiter | None, tenant: str, requests: int, tokens: int):
+        self._limiter, self._tenant, self.requests, self.tokens = limiter, tenant, requests, tokens
 
     def release(self) -> None:
         if self._limiter is not None:
-            self._limiter._release(self._tenant, self.tokens)
+            self._limiter._release(self._tenant, self.requests, self.tokens)
             self._limiter = None
 
 
 class InFlightLimiter:
-    """Per-tenant limits on what runs at once: requests, and tokens they may still generate
-    (``max_tokens`` x ``n``, counted when admitted). A tenant at either limit gets a 429 with
-    ``Retry-After`` instead of queueing in the shared engine ahead of everyone else. Admins are
-    not limited. Touched only from the event loop."""
+    """Per-tenant limits on what runs at once: engine sequences (each prompt of a request is one),
+    and tokens they may still generate (``max_tokens`` x ``n`` per prompt, counted when admitted).
+    A tenant at either limit gets a 429 with ``Retry-After`` instead of queueing in the shared
+    engine ahead of everyone else (``InferenceService.check_prompt_count`` refuses a request with
+    more prompts than the tenant may run at once, before this). Admins are not limited. Touched only from the event loop."""
 
     def __init__(self) -> None:
         self._requests: dict[str, int] = {}
         self._tokens: dict[str, int] = {}
 
-    def admit(self, principal: Principal, tokens: int) -> Lease:
+    def admit(self, principal: Principal, tokens: int, requests: int = 1) -> Lease:
         if principal.is_admin:
-            return Lease(None, principal.tenant, 0)
+            return Lease(None, principal.tenant, 0, 0)
         q, tenant = principal.quotas, principal.tenant
         running, held = self._requests.get(tenant, 0), self._tokens.get(tenant, 0)
-        if running >= q.max_concurrent_requests:
+        if running + requests > q.max_concurrent_requests:
             raise ConcurrencyExceeded(f"tenant {tenant!r} already has {running} requests in flight, its limit is "
-                                      f"{q.max_concurrent_requests}; retry when one finishes")
+                                      f"{q.max_concurrent_requests}"
+                                      f"{'' if requests == 1 else f' (this one runs {requests} prompts)'}; "
+                                      "retry when one finishes")
         if tokens > q.max_inflight_tokens:
-            raise QuotaExceeded(f"this request may generate {tokens} tokens (max_tokens x n), more than tenant "
-                                f"{tenant!r}'s limit of {q.max_inflight_tokens} tokens in flight; lower max_tokens "
-                                "or n", field="max_tokens")
+            raise QuotaExceeded(f"this request may generate {tokens} tokens (max_tokens x n x prompts), more than "
+                                f"tenant {tenant!r}'s limit of {q.max_inflight_tokens} tokens in flight; lower "
+                                "max_tokens or n", field="max_tokens")
         if held + tokens > q.max_inflight_tokens:
             raise ConcurrencyExceeded(f"tenant {tenant!r} has {held} tokens in flight (max_tokens x n of its running "
                                       f"requests); this one's {tokens} would pass its limit of "
                                       f"{q.max_inflight_tokens}; retry when one finishes", field="max_tokens")
-        self._requests[tenant] = running + 1
+        self._requests[tenant] = running + requests
         self._tokens[tenant] = held + tokens
-        return Lease(self, tenant, tokens)
+        return Lease(self, tenant, requests, tokens)
 
     def in_flight(self, tenant: str) -> tuple[int, int]:
         """(requests, tokens) the tenant has in flight."""
         return self._requests.get(tenant, 0), self._tokens.get(tenant, 0)
 
-    def _release(self, tenant: str, tokens: int) -> None:
-        self._requests[tenant] -= 1
+    def _release(self, tenant: str, requests: int, tokens: int) -> None:
+        self._requests[tenant] -= requests
         self._tokens[tenant] -= tokens
         if not self._requests[tenant]:
             del self._requests[tenant], self._tokens[tenant]

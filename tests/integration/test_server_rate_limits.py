@@ -102,3 +102,34 @@ def test_tokens_in_flight_are_limited_per_tenant(cluster):
     finally:
         done.set()
         t.join()
+
+
+def test_each_prompt_of_a_request_counts_as_a_request_in_flight(cluster):
+    """A list of prompts fans out into one engine request each: 262,144 one-token prompts (about
+    1 MiB, under the body cap) are refused before any is tokenized, and the prompts of a request
+    that is taken count one by one against the tenant's concurrency."""
+    key = create_tenant(cluster.server.data_dir, "gina", "--max-concurrency", "4")
+    with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+        for prompt in ([[1]] * 262144, ["x"] * 262144, ["x"] * 5):
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
+            e = r.json()["error"]
+            assert r.status_code == 400 and e["param"] == "prompt", e
+            assert f"{len(prompt)} prompts" in e["message"] and "at most 4" in e["message"]
+        r = h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 4, "max_tokens": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 4
+    started, done = threading.Event(), threading.Event()
+    t = threading.Thread(target=_long_stream, args=(cluster, key, started, done, 1))  # holds 1 of 4
+    t.start()
+    try:
+        assert started.wait(60)
+        with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 4, "max_tokens": 2})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "concurrency_limit_exceeded"
+            assert "runs 4 prompts" in r.json()["error"]["message"]
+            assert h.post("/v1/completions", json={"model": "tiny", "prompt": ["x"] * 3,
+                                                   "max_tokens": 2}).status_code == 200
+        # A bystander is not held back.
+        assert cluster.client("bob").completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    finally:
+        done.set()
+        t.join()

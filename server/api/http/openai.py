@@ -390,6 +390,7 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
     rid = _rid(request, req.request_id, "cmpl")
     _log(rid, principal, req)
     prompts, are_ids = req.prompts()
+    service.inference.check_prompt_count(principal, len(prompts))
     ids = prompts if are_ids else [await service.prompts.encode(p, add_special_tokens=req.add_special_tokens)
                                    for p in prompts]
     gen = service.inference.prepare(principal, req.model, ids, req.sampling(max_tokens=req.max_tokens,
