@@ -65,7 +65,11 @@ class Settings(BaseSettings):
     """Tokens in one engine step (vLLM's default for an OpenAI server on this device if unset)."""
     enable_prefix_caching: bool = True
     """Reuse the KV cache of shared prompt prefixes (per adapter version: a replaced adapter never
-    reuses the old one's)."""
+    reuses the old one's). Each tenant's cache is its own (see --shared-prefix-cache-tenants)."""
+    shared_prefix_cache_tenants: list[str] = Field(default_factory=list)
+    """Tenants whose base-model prompts share one prefix cache, as on raw vLLM, where only a client's
+    cache_salt separates requests. Every other tenant's cache is its own: otherwise a tenant could
+    time whether another one recently sent a given prefix."""
     tensor_parallel_size: int = Field(1, ge=1)
     """GPUs one engine shards the base across."""
     enforce_eager: bool = False
@@ -96,10 +100,24 @@ class Settings(BaseSettings):
     """Server-side directories admins may load adapters from via /v1/load_lora_adapter."""
     adapter_cache_bytes: int = Field(4 << 30, ge=1)
     """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
+    max_pins_per_tenant: int = Field(4, ge=0)
+    """Adapters one tenant may pin (admins: any number); one more is a 429 naming `pin`."""
+    max_pinned_share: float = Field(0.5, ge=0.0, le=1.0)
+    """Share of the host tier (--max-cpu-loras and --adapter-cache-bytes) that pinned adapters together
+    may hold before a tenant's pin is refused (admins' pins count; an admin may pin past it), so
+    that other tenants' cold adapters always find room."""
     adapter_queue_timeout_s: float = Field(30.0, ge=0.0)
     """How long a request for a cold adapter waits for room while every loaded adapter is busy (503 after)."""
     max_upload_bytes: int = Field(2 << 30, ge=1 << 10)
     """Largest adapter upload (all files, or the archive and what it unpacks to); larger is a 413."""
+    max_uploads: int = Field(4, ge=1)
+    """Uploads this server stages at once; one more is a 429 (Retry-After)."""
+    max_uploads_per_tenant: int = Field(2, ge=1)
+    """Uploads one tenant may have in flight on this server (admins: up to --max-uploads)."""
+    staging_reserve_bytes: int = Field(256 << 20, ge=0)
+    """Disk space under --data-dir that uploads leave free: each upload in flight reserves
+    --max-upload-bytes, and one that would leave less than this free is a 503, so that staging
+    never fills the disk the registry writes to."""
     adapter_gc_grace_s: float = Field(60.0, ge=0.0)
     """How long a deleted or replaced adapter's files stay on disk after it is released, for requests
     that resolved it just before; then they are reclaimed."""
@@ -142,6 +160,8 @@ class Settings(BaseSettings):
     """HTTP port: the OpenAI API, adapter management, health."""
     grpc_port: int | None = Field(None, ge=0, le=65535)
     """gRPC port (0: pick a free one); unset: no gRPC server."""
+    grpc_max_concurrent_rpcs: int = Field(1024, ge=1)
+    """gRPC calls (streams) the gRPC front runs at once; one more is RESOURCE_EXHAUSTED."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """A separate listener that serves only /metrics, without a key, for Prometheus on a private
     network. On the API port /metrics needs an admin key (its labels name tenants and adapters)."""

@@ -108,6 +108,13 @@ class StoreUnavailable(LoraplexError):
     retry_after = 5.0
 
 
+class StagingFull(StoreUnavailable):
+    """The disk that stages uploads (and holds a SQLite registry) has no room for one more."""
+
+    code = "insufficient_storage"
+    retry_after = 30.0
+
+
 class AdapterLoadFailed(LoraplexError):
     """vLLM could not load an adapter the server had accepted (its blob is damaged, or the
     installed vLLM refuses what an earlier one took). Only that adapter's requests fail."""

@@ -38,7 +38,8 @@ from server.adapters.staging import StagedUpload, copy_dir
 from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec, UploadFile, feed, validate
 from server.config import Settings
-from server.errors import AdapterRejected, Conflict, InvalidArgument, PermissionDenied, QuotaExceeded
+from server.errors import (AdapterRejected, ConcurrencyExceeded, Conflict, InvalidArgument, PermissionDenied,
+                           QuotaExceeded, StagingFull)
 from server.tenants.store import Principal, TenantStore
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class AdapterService:
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
         self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
+        self._uploads: dict[object, str] = {}  # uploads being staged, to their tenants
         self.on_change = None
         """Awaited after each write (Service.refresh): the snapshot requests read from is reloaded
         off the event loop before the write's response, not by the next request."""
@@ -79,14 +81,36 @@ class AdapterService:
         return ns
 
     @asynccontextmanager
-    async def staging(self, *, max_bytes: int | None = None) -> AsyncIterator[StagedUpload]:
-        """A :class:`StagedUpload` in a fresh staging directory, removed on exit unless stored."""
-        with self.store.staging_dir() as path:
-            staged = StagedUpload(path, max_bytes=max_bytes or self.settings.max_upload_bytes)
-            try:
-                yield staged
-            finally:
-                staged.abort()
+    async def staging(self, principal: Principal, *, max_bytes: int | None = None) -> AsyncIterator[StagedUpload]:
+        """A :class:`StagedUpload` in a fresh staging directory, removed on exit unless stored.
+        Bounded before a byte is read: uploads at once, per tenant and for the server, and the
+        disk space each may fill (its --max-upload-bytes, reserved until it ends)."""
+        max_bytes = max_bytes or self.settings.max_upload_bytes
+        tenant, s = principal.tenant, self.settings
+        if len(self._uploads) >= s.max_uploads:
+            raise ConcurrencyExceeded(f"this server is taking {len(self._uploads)} uploads at once, its limit "
+                                      f"(--max-uploads); retry shortly", field="files")
+        mine = sum(t == tenant for t in self._uploads.values())
+        if not principal.is_admin and mine >= s.max_uploads_per_tenant:
+            raise ConcurrencyExceeded(f"tenant {tenant!r} already has {mine} uploads in flight, its limit "
+                                      "(--max-uploads-per-tenant); retry when one finishes", field="files")
+        free = self.store.free_bytes()
+        reserved = len(self._uploads) * s.max_upload_bytes
+        if free - reserved - max_bytes < s.staging_reserve_bytes:
+            raise StagingFull(f"the server's disk has {free / 2**30:.1f} GiB free, {reserved / 2**30:.1f} GiB of it "
+                              f"held for uploads in flight; this one may need {max_bytes / 2**30:.1f} GiB "
+                              "(--max-upload-bytes); retry later")
+        token = object()
+        self._uploads[token] = tenant
+        try:
+            with self.store.staging_dir() as path:
+                staged = StagedUpload(path, max_bytes=max_bytes)
+                try:
+                    yield staged
+                finally:
+                    staged.abort()
+        finally:
+            del self._uploads[token]
 
     async def add(self, principal: Principal, name: str, staged: StagedUpload, *, tenant: str | None = None,
                   replace: bool = False, refusal_field: str = "files") -> AdapterRecord:
@@ -137,7 +161,7 @@ class AdapterService:
                      tarball: bytes | None = None, tenant: str | None = None, replace: bool = False) -> AdapterRecord:
         """:meth:`add` for an upload already in memory (tools and tests)."""
         self.check_upload(principal, name, tenant, replace=replace)
-        async with self.staging() as staged:
+        async with self.staging(principal) as staged:
             await asyncio.to_thread(feed, staged, files, tarball)
             return await self.add(principal, name, staged, tenant=tenant, replace=replace)
 
@@ -192,7 +216,7 @@ class AdapterService:
         ns = self.namespace(principal, tenant)
         replace = replace and any(r.name == name for r in self.registry.list(ns))
         self.check_upload(principal, name, tenant, replace=replace)
-        async with self.staging() as staged:
+        async with self.staging(principal) as staged:
             await asyncio.to_thread(_copy_from_roots, real, roots, staged)
             return await self.add(principal, name, staged, tenant=tenant, replace=replace, refusal_field="lora_path")
 
@@ -211,7 +235,7 @@ class AdapterService:
             if not src.is_dir():
                 raise InvalidArgument(f"--lora-modules {spec!r}: {path} is not a directory", field="lora_modules")
             existing = {r.name: r for r in self.registry.list(tenant)}.get(name)
-            async with self.staging() as staged:
+            async with self.staging(operator) as staged:
                 await asyncio.to_thread(copy_dir, src, staged)
                 if existing is not None and await asyncio.to_thread(staged.finish) == existing.digest:
                     out.append(existing)
@@ -257,7 +281,14 @@ class AdapterService:
         rec = self.registry.get(ns, name)
         if pinned:  # pinning keeps it warm: load it first, and pin only once it is in
             await self.warm(rec, wait=True)
-        await asyncio.to_thread(self.registry.set_pinned, ns, name, pinned)
+        share, r = self.settings.max_pinned_share, self.residency
+        # A tenant's pins are bounded, and so are all pins together (admins' count, but an admin,
+        # the operator, may pin past the share), so that every other tenant's cold adapter still
+        # finds room in the host tier.
+        bounds = {} if not pinned or principal.is_admin else {
+            "max_pinned": self.settings.max_pins_per_tenant,
+            "room": (int(share * r.max_entries), share * r.budget_bytes)}
+        await asyncio.to_thread(self.registry.set_pinned, ns, name, pinned, **bounds)
         self.residency.set_pinned(rec.key, pinned)
         await self.changed()
         return self.registry.get(ns, name)

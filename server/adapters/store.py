@@ -71,6 +71,10 @@ class LocalStaging:
         self._staging = self.root / ".staging"
         self._staging.mkdir(parents=True, exist_ok=True)
 
+    def free_bytes(self) -> int:
+        """Free space on the disk uploads are staged on."""
+        return shutil.disk_usage(self._staging).free
+
     @contextmanager
     def staging_dir(self) -> Iterator[Path]:
         """A fresh empty directory to unpack into; removed on exit unless :meth:`put` moved it."""

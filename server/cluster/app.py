@@ -509,10 +509,10 @@ async def _start_grpc_front(ingress: LoraplexIngress, host: str, port: int):
     from grpc_reflection.v1alpha import reflection
 
     from server.api.grpc.errors import ErrorInterceptor
-    from server.api.grpc.server import MAX_MESSAGE_BYTES, SERVICES
+    from server.api.grpc.server import SERVER_OPTIONS, SERVICES
 
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()],
-                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), ("grpc.so_reuseport", 1)])
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[*SERVER_OPTIONS, ("grpc.so_reuseport", 1)],
+                             maximum_concurrent_rpcs=ingress.settings.grpc_max_concurrent_rpcs)
     server.add_generic_rpc_handlers((_GrpcForward(ingress),))
     checker = health.aio.HealthServicer()
     for name in ("", *SERVICES):

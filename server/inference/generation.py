@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 import time
@@ -31,6 +33,9 @@ from server.tenants.ratelimit import InFlightLimiter, Lease
 from server.tenants.store import Principal
 
 logger = logging.getLogger(__name__)
+
+ABORT_TIMEOUT_S = 10.0
+"""How long an engine abort may take before the request's adapter and limits are given back anyway."""
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
                    "frequency_penalty": 0.0, "repetition_penalty": 1.0}
@@ -93,7 +98,8 @@ class Admission:
     a reference to its adapter in the engine. :meth:`release` is idempotent, so whichever of the
     stream's ``finally`` and the front's cleanup comes first gives them back."""
 
-    __slots__ = ("_inference", "request_id", "key", "engine_ids", "lease", "entry", "t0", "interrupted", "_released")
+    __slots__ = ("_inference", "request_id", "key", "engine_ids", "lease", "entry", "t0", "interrupted", "aborting",
+                 "_released")
 
     def __init__(self, inference: InferenceService, request_id: str, key: tuple[str, str], engine_ids: list[str],
                  lease: Lease, t0: float):
@@ -103,10 +109,13 @@ class Admission:
         several). The tenant keeps one tenant's ids from ever naming another's request in vLLM."""
         self.entry: Entry | None = None
         self.interrupted = False
+        self.aborting = False
+        """Its engine requests are being aborted: it is released once they are gone, not before,
+        so that its adapter is never removed under a request the engine may still step."""
         self._released = False
 
     def release(self) -> None:
-        if self._released:
+        if self._released or self.aborting:
             return
         self._released = True
         self.lease.release()
@@ -165,15 +174,18 @@ class InferenceService:
             where = prompt_field if len(prompts) == 1 else f"{prompt_field}[{i}]"
             if not ids:
                 raise InvalidArgument("the prompt is empty", field=where)
-            if client_ids:
-                self.prompts.check_ids(ids, where)
             if truncate is not None:
                 ids = ids[-(limit - 1 if truncate == -1 else truncate):]
             if len(ids) >= limit:
                 raise InvalidArgument(f"the prompt is {len(ids)} tokens; this model's context is {limit} tokens "
                                       "(prompt + completion)", field=where)
+            if client_ids:  # after the length check: at most a context of ids is walked
+                self.prompts.check_ids(ids, where)
             checked.append(ids)
+        vocab = self.prompts.vocab_size
         for name, ids in sampling.token_ids().items():
+            if len(ids) > vocab:
+                raise InvalidArgument(f"{len(ids)} token ids; this model's vocabulary has {vocab}", field=name)
             self.prompts.check_ids(ids, name)
         sampling = self._resolve(sampling, limit - max(len(p) for p in checked))
         # n greedy choices are one choice n times: vLLM (0.3x) refuses n > 1 at temperature 0,
@@ -181,7 +193,15 @@ class InferenceService:
         fanout = sampling.n if sampling.n > 1 and sampling.temperature == 0 else 1
         engine_sampling = dataclasses.replace(sampling, n=1) if fanout > 1 else sampling
         return Generation(model, adapter, tuple(checked), sampling, self.engine.sampling_params(engine_sampling),
-                          cache_salt, fanout)
+                          self.cache_salt(principal, cache_salt), fanout)
+
+    def cache_salt(self, principal: Principal, client: str | None) -> str | None:
+        """vLLM's ``cache_salt`` for a request: the tenant's own, with the client's inside it, so that
+        no tenant reuses (or can time) another's cached prefixes; the client's alone for the
+        tenants an operator lets share (--shared-prefix-cache-tenants)."""
+        if not self.settings.enable_prefix_caching or principal.tenant in self.settings.shared_prefix_cache_tenants:
+            return client
+        return hashlib.sha256(json.dumps([principal.tenant, client]).encode()).hexdigest()
 
     def _resolve(self, s: Sampling, room: int) -> Sampling:
         """Unset fields from the base's generation config, else OpenAI's defaults; max_tokens
@@ -279,10 +299,10 @@ class InferenceService:
             # Nothing here awaits: a stream whose client left is torn down inside a cancelled
             # (anyio) scope, where every await raises again, and the adapter would never be
             # released. The aborts go to a task of their own.
-            admission.release()
-            if not finished:
-                for rid in ids:
-                    self._abort_soon(rid)
+            if finished:
+                admission.release()
+            else:
+                self._abort_soon(ids, admission)
             end = time.perf_counter()
             m.requests(endpoint, status).inc()
             m.e2e.observe(end - t0)
@@ -291,16 +311,26 @@ class InferenceService:
             if first is not None and n_out > 1:
                 m.tpot.observe((end - first) / (n_out - 1))
 
-    def _abort_soon(self, request_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._abort(request_id))
+    def _abort_soon(self, request_ids: list[str], admission: Admission | None = None) -> None:
+        """Abort the engine requests in a task of their own, then release ``admission``: an adapter
+        released first could be removed while the engine still steps a request that uses it."""
+        if admission is not None:
+            admission.aborting = True
+        task = asyncio.get_running_loop().create_task(self._abort(request_ids, admission))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    async def _abort(self, request_id: str) -> None:
+    async def _abort(self, request_ids: list[str], admission: Admission | None) -> None:
         try:
-            await self.engine.abort(request_id)
-        except Exception:
-            logger.debug("abort of %s failed", request_id, exc_info=True)
+            for rid in request_ids:
+                try:  # bounded: an engine that never answers must not hold the tenant's slots
+                    await asyncio.wait_for(self.engine.abort(rid), ABORT_TIMEOUT_S)
+                except Exception:
+                    logger.debug("abort of %s failed", rid, exc_info=True)
+        finally:
+            if admission is not None:
+                admission.aborting = False
+                admission.release()
 
     # ------------------------------------------------------------ drain
 
@@ -321,8 +351,7 @@ class InferenceService:
         cut = list(self.active.values())
         for admission in cut:
             admission.interrupted = True
-            for rid in admission.engine_ids:
-                self._abort_soon(rid)
+            self._abort_soon(admission.engine_ids)
         if cut:
             logger.warning("drain: %d requests still running after %.0f s; ending them", len(cut), grace_s)
             while self.active and loop.time() < deadline + 5:  # their streams end with the error event

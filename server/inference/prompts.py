@@ -1,8 +1,8 @@
 """Prompts: the base tokenizer's chat template and vocabulary, and the base's sampling defaults.
 
 Everything a tenant sends is bounded before it costs anything: a prompt longer than
-``--max-prompt-chars`` is refused untokenized; long ones are tokenized, and chat templates
-rendered, in a worker thread; token ids must be in the vocabulary; a template that refuses a
+``--max-prompt-chars`` (chat: the messages, tools, documents and template kwargs together) is
+refused untokenized; long ones are tokenized, and every chat template rendered, in a worker thread; token ids must be in the vocabulary; a template that refuses a
 conversation (roles out of order, say) is the client's 400, not the server's 500.
 """
 
@@ -50,19 +50,41 @@ class Prompts:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    async def detokenize(self, ids: list[int], field: str = "tokens") -> str:
+        """vLLM's /detokenize, bounded: at most a context of ids, each in the vocabulary, decoded off
+        the event loop when there are many."""
+        if len(ids) > self.max_model_len:
+            raise InvalidArgument(f"{len(ids)} token ids; at most {self.max_model_len} (this model's context) are "
+                                  "decoded at once", field=field)
+        self.check_ids(ids, field)
+        return await _off_loop(self.decode, ids, size=len(ids) * 4)
+
     async def render_chat(self, messages: list[dict], *, tools: list[dict] | None = None,
                           add_generation_prompt: bool = True, continue_final_message: bool = False,
                           documents: list[dict] | None = None, template_kwargs: dict | None = None,
                           add_special_tokens: bool = False, field: str = "messages") -> list[int]:
-        """The base tokenizer's chat template -- the same rendering the trainer trained on."""
+        """The base tokenizer's chat template -- the same rendering the trainer trained on. Always in a
+        worker thread: what a template costs depends on all of its input (tools, documents, its
+        kwargs), not only the messages, and a thread hop costs less than the smallest render."""
         self.check_chars(sum(_chars(m.get("content")) for m in messages), field)
         kwargs = dict(template_kwargs or {})
-        for reserved in ("messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
-                         "tokenize", "chat_template"):
-            if reserved in kwargs:
-                raise InvalidArgument(f"chat_template_kwargs may not set {reserved!r}", field="chat_template_kwargs")
-        return await _off_loop(self._render, messages, tools, add_generation_prompt, continue_final_message,
-                               documents, kwargs, add_special_tokens, field, size=len(json.dumps(messages)))
+        for name in kwargs:
+            if name in self._reserved_kwargs:
+                raise InvalidArgument(f"chat_template_kwargs may not set {name!r} (the server sets it)",
+                                      field="chat_template_kwargs")
+        return await asyncio.to_thread(self._render, messages, tools, add_generation_prompt, continue_final_message,
+                                       documents, kwargs, add_special_tokens, field)
+
+    @functools.cached_property
+    def _reserved_kwargs(self) -> frozenset[str]:
+        """``apply_chat_template``'s own parameters, and what the template gets from them: a kwarg of
+        that name would collide with the server's (a TypeError) or override it."""
+        import inspect
+
+        own = inspect.signature(self.tokenizer.apply_chat_template).parameters
+        return frozenset(n for n, p in own.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)) | {
+            "messages", "tools", "documents", "add_generation_prompt", "continue_final_message", "chat_template",
+            "tokenize"}
 
     def _render(self, messages, tools, add_generation_prompt, continue_final_message, documents, kwargs,
                 add_special_tokens, field) -> list[int]:
@@ -71,6 +93,12 @@ class Prompts:
         if continue_final_message and add_generation_prompt:
             raise InvalidArgument("continue_final_message and add_generation_prompt cannot both be true",
                                   field="continue_final_message")
+        # Everything the template reads counts against --max-prompt-chars, before it is rendered.
+        n = sum(_chars(m.get("content")) for m in messages)
+        for name, value in (("tools", tools), ("documents", documents), ("chat_template_kwargs", kwargs)):
+            if value:
+                n += len(json.dumps(value, default=str))
+                self.check_chars(n, name)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages, tools=tools, documents=documents, add_generation_prompt=add_generation_prompt,
@@ -79,6 +107,12 @@ class Prompts:
             raise InvalidArgument(f"the chat template refused these messages: {e}", field=field) from None
         except ValueError as e:  # transformers' own checks (continue_final_message on a non-assistant turn ...)
             raise InvalidArgument(f"the chat template could not render these messages: {e}", field=field) from None
+        except (TypeError, KeyError, AttributeError, IndexError) as e:
+            # The template is the base's; what it was given is the client's (a kwarg or a tool of a
+            # type it does not expect).
+            where = "chat_template_kwargs" if kwargs else field
+            raise InvalidArgument(f"the chat template could not render this request: {type(e).__name__}: {e}",
+                                  field=where) from None
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     # ------------------------------------------------------------ checks

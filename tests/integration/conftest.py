@@ -122,6 +122,7 @@ def cluster(tiny_base, adapter_dirs, tmp_path_factory):
                        # A vLLM engine argument loraplex passes through unread: compact JSON, so that a
                        # tiny random model's structured outputs end within max_tokens.
                        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+                       "--shared-prefix-cache-tenants", "pc-shared-1", "--shared-prefix-cache-tenants", "pc-shared-2",
                        *[a for r in sorted(roots) for a in ("--lora-roots", r)], name="main", grpc=True)
     c.metrics_port = metrics_port
     yield c

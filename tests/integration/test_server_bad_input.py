@@ -348,3 +348,39 @@ def test_a_lora_path_with_a_nul_byte_is_a_400(cluster):
         e = err(admin.post("/v1/load_lora_adapter", json={"lora_name": "nul", "lora_path": "/tmp/a\u0000b"}), 400,
                 "lora_path")
         assert "NUL" in e["message"]
+
+
+@pytest.mark.parametrize("kwargs", [{"conversation": []}, {"return_dict": True}, {"tokenize": True},
+                                    {"tools": []}])
+def test_chat_template_kwargs_that_are_the_servers_own_are_a_400(alice, kwargs):
+    body = {**CHAT, "chat_template_kwargs": kwargs}
+    e = err(alice.post("/v1/chat/completions", json=body), 400, "chat_template_kwargs")
+    assert repr(next(iter(kwargs))) in e["message"]
+    body = {"model": "tiny", "messages": CHAT["messages"], "chat_template_kwargs": kwargs}
+    err(alice.post("/tokenize", json=body), 400, "chat_template_kwargs")
+
+
+def test_tools_count_against_the_character_cap_before_rendering(alice):
+    """Small messages, 2 MB of tools: refused as the prompt they would become, and never rendered
+    or tokenized (it was 6.9 s of tokenizing on the event loop, then a cheap 400)."""
+    tools = [{"type": "function", "function": {"name": f"f{i}", "description": "d" * 64_000,
+                                               "parameters": {"type": "object", "properties": {}}}}
+             for i in range(32)]
+    e = err(alice.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "tools")
+    assert "--max-prompt-chars" in e["message"]
+    body = {"model": "tiny", "messages": CHAT["messages"], "tools": tools}
+    err(alice.post("/tokenize", json=body), 400, "tools")
+    small = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    assert alice.post("/v1/chat/completions", json={**CHAT, "tools": small}).status_code == 200
+
+
+def test_id_lists_are_bounded_before_they_are_walked(alice):
+    """Lists of token ids cost O(n) on the event loop to check and decode: each is bounded first
+    (a context for /detokenize, the vocabulary for sampling's id lists)."""
+    e = err(alice.post("/detokenize", json={"model": "tiny", "tokens": [1] * 100_000}), 400, "tokens")
+    assert "at most 256" in e["message"]
+    assert alice.post("/detokenize", json={"model": "tiny", "tokens": [1] * 256}).status_code == 200
+    for field in ("allowed_token_ids", "stop_token_ids"):
+        e = err(alice.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 1,
+                                                    field: [1] * 100_000}), 400, field)
+        assert "vocabulary" in e["message"]

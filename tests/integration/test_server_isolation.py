@@ -114,3 +114,55 @@ def test_load_lora_adapter_is_admin_only_and_rooted(owned, tmp_path):
     with owned.http("admin") as admin:
         r = admin.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "/etc"})
         assert r.status_code == 403 and "--lora-roots" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- the prefix cache
+
+
+def _prefix_hits(cluster) -> float:
+    with cluster.http("admin") as h:
+        text = h.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm_prefix_cache_hits_total"))
+
+
+def _cached_twice(cluster, first: str, second: str, prompt: list[int], **body) -> float:
+    """Prefix-cache hits of ``first`` then ``second`` sending ``prompt``, then ``first`` again; read
+    once ``first``'s own second request shows as hits, so the ones before it are counted too."""
+    import time
+
+    h0 = _prefix_hits(cluster)
+    for who in (first, second, first):
+        with cluster.http(who) as h:
+            r = h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1, **body})
+            assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 60
+    while (hits := _prefix_hits(cluster) - h0) <= 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert hits > 0, "a tenant's own repeated prompt hit nothing: is prefix caching on?"
+    return hits
+
+
+def test_each_tenant_has_its_own_prefix_cache(cluster):
+    """Another tenant's recent prompt is not in your prefix cache (else its TTFT tells you it was
+    sent), even with the same client cache_salt; your own is."""
+    import random
+
+    rng = random.Random(7)
+    for body in ({}, {"cache_salt": "shared-by-clients"}):
+        prompt = [rng.randrange(3, 200) for _ in range(200)]
+        hits = _cached_twice(cluster, "alice", "bob", prompt, **body)
+        assert hits < len(prompt), f"bob's request hit alice's cached prefix ({hits} tokens)"
+
+
+def test_tenants_an_operator_lets_share_share_the_prefix_cache(cluster):
+    import random
+
+    from tests.integration.server_proc import create_tenant
+
+    for t in ("pc-shared-1", "pc-shared-2"):
+        if t not in cluster.keys:
+            cluster.keys[t] = create_tenant(cluster.server.data_dir, t)
+    prompt = [random.Random(8).randrange(3, 200) for _ in range(200)]
+    hits = _cached_twice(cluster, "pc-shared-1", "pc-shared-2", prompt)
+    assert hits >= len(prompt), f"shared tenants did not share ({hits} tokens)"

@@ -20,7 +20,7 @@ from tests.integration.conftest import _start_cluster
 def small(tiny_base, adapter_dirs, tmp_path_factory):
     size = sum(f.stat().st_size for f in adapter_dirs["a1"].iterdir() if f.is_file())
     c = _start_cluster(tiny_base, adapter_dirs, tmp_path_factory, "--max-loras", "1", "--max-cpu-loras", "8",
-                       "--adapter-cache-bytes", str(int(size * 2.5)), name="small")
+                       "--adapter-cache-bytes", str(int(size * 2.5)), "--max-pins-per-tenant", "1", name="small")
     for name, adapter in (("x", "a1"), ("y", "a2"), ("z", "a3")):
         assert c.upload("alice", name, adapter).status_code == 201
     yield c
@@ -105,3 +105,29 @@ def test_concurrent_cold_requests_share_one_load(small):
     loads, misses, hits = counters()
     assert (loads - loads0, misses - misses0, hits - hits0) == (1, 1, 5)
     assert len(set(outs)) == 1
+
+
+def test_pins_are_bounded_per_tenant_and_together(small):
+    """One tenant's pins cannot fill the host tier (each bystander's cold adapter would be a 503):
+    --max-pins-per-tenant 1 here, and pins together hold at most half of the cache's bytes (room
+    for one of these adapters) before a tenant's pin is refused. After the restart above, z is
+    pinned."""
+    c = small
+    with c.http("alice") as h:
+        assert h.get("/v1/adapters/z").json()["pinned"] is True
+        r = h.post("/v1/adapters/x/pin")
+        e = r.json()["error"]
+        assert r.status_code == 429 and e["code"] == "quota_exceeded" and e["param"] == "pin", e
+        assert "--max-pins-per-tenant" in e["message"] and "retry-after" not in r.headers
+        assert h.get("/v1/adapters/x").json()["pinned"] is False
+    assert c.upload("bob", "cold", "a2").status_code == 201
+    with c.http("bob") as h:  # bob's first pin: within his count, past the share
+        r = h.post("/v1/adapters/cold/pin")
+        assert r.status_code == 429 and r.json()["error"]["param"] == "pin", r.text
+        assert "--max-pinned-share" in r.json()["error"]["message"]
+    # bob's cold adapter still finds room, and serves.
+    assert c.client("bob").completions.create(model="tiny:cold", prompt="hello", max_tokens=1).choices
+    with c.http("alice") as h:  # unpinning gives the pin back
+        assert h.post("/v1/adapters/z/unpin").json()["pinned"] is False
+        assert h.post("/v1/adapters/x/pin").json()["pinned"] is True
+        assert h.post("/v1/adapters/x/unpin").json()["pinned"] is False

@@ -76,10 +76,10 @@ def read(*msgs, tmp, max_bytes: int = 1 << 20):
 
     async def main():
         stream = aiter(_stream(*msgs))
-        meta = await protocol.upload_metadata(stream)
+        meta = await protocol.upload_metadata(stream, 30)
         staged = StagedUpload(tmp, max_bytes=max_bytes)
         try:
-            await protocol.upload_body(stream, staged)
+            await protocol.upload_body(stream, staged, 30)
         finally:
             staged.abort()
         return meta, staged
@@ -126,3 +126,30 @@ def test_an_oversized_upload_is_refused_while_streaming(tmp_path):
     with pytest.raises(PayloadTooLarge):
         read(META, chunk("adapter_model.safetensors", b"x" * 6), chunk("adapter_model.safetensors", b"x" * 6),
              tmp=tmp_path, max_bytes=10)
+
+
+def test_an_upload_that_goes_silent_is_refused_not_held(tmp_path):
+    """One chunk, then silence: refused after the gap (--body-timeout-s), as a stalled HTTP body is,
+    instead of holding a staging directory and a file handle for as long as the client likes."""
+    from server.adapters.staging import StagedUpload
+    from server.errors import RequestTimeout
+
+    async def silent_after(*msgs):
+        for m in msgs:
+            yield m
+        await asyncio.Event().wait()  # never sends again, never ends
+
+    async def main():
+        stream = aiter(silent_after(META, chunk("adapter_config.json", b"{}")))
+        await protocol.upload_metadata(stream, 0.2)
+        staged = StagedUpload(tmp_path, max_bytes=1 << 20)
+        try:
+            with pytest.raises(RequestTimeout) as info:
+                await protocol.upload_body(stream, staged, 0.2)
+        finally:
+            staged.abort()
+        assert info.value.field == "body" and "--body-timeout-s" in info.value.message
+        with pytest.raises(RequestTimeout):  # silent before its metadata, too
+            await protocol.upload_metadata(aiter(silent_after()), 0.2)
+
+    asyncio.run(main())

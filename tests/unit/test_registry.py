@@ -137,3 +137,23 @@ def test_quota_holds_under_concurrent_uploads(registry):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(add, range(16)))
     assert sum(r is not None for r in results) == 3 and len(registry.list("acme")) == 3
+
+
+def test_pins_are_bounded_per_tenant_and_for_all_tenants_together(registry):
+    for tenant in ("acme", "globex"):
+        for name, digest in (("a", D1), ("b", D2), ("c", D3)):
+            registry.add(tenant, name, digest, INFO, max_adapters=10)
+    registry.set_pinned("acme", "a", True, max_pinned=1)
+    registry.set_pinned("acme", "a", True, max_pinned=1)  # pinning it again is not another pin
+    with pytest.raises(QuotaExceeded, match="--max-pins-per-tenant") as e:
+        registry.set_pinned("acme", "b", True, max_pinned=1)
+    assert e.value.field == "pin" and not registry.get("acme", "b").pinned
+    room = (2, 3 * INFO.size_bytes)  # two pins in all
+    registry.set_pinned("globex", "a", True, max_pinned=1, room=room)
+    with pytest.raises(QuotaExceeded, match="--max-pinned-share"):
+        registry.set_pinned("globex", "b", True, room=room)
+    with pytest.raises(QuotaExceeded, match="--max-pinned-share"):
+        registry.set_pinned("acme", "c", True, room=(5, 2.5 * INFO.size_bytes))  # room by bytes
+    registry.set_pinned("acme", "a", False)
+    registry.set_pinned("globex", "b", True, room=room)
+    assert [r.name for r in registry.records() if r.pinned] == ["a", "b"]

@@ -37,11 +37,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     async def _upload(self, requests, context: Context, *, replace: bool) -> apb.Adapter:
         principal = await self._principal(context)  # before reading the body: a bad key is refused whatever it sends
         stream = aiter(requests)
-        meta = await protocol.upload_metadata(stream)
+        gap_s = self.service.settings.body_timeout_s
+        meta = await protocol.upload_metadata(stream, gap_s)
         adapters, tenant, replace = self.service.adapters, protocol.tenant(meta), replace or meta.replace
         adapters.check_upload(principal, meta.name, tenant, replace=replace)  # a taken name: before the bytes
-        async with adapters.staging() as staged:
-            await protocol.upload_body(stream, staged)
+        async with adapters.staging(principal) as staged:
+            await protocol.upload_body(stream, staged, gap_s)
             rec = await adapters.add(principal, meta.name, staged, tenant=tenant, replace=replace)
         return protocol.adapter(self.service, rec)
 

@@ -19,7 +19,7 @@ from server.adapters.staging import StagedUpload
 from server.api.grpc.pb import adapters_pb2 as apb
 from server.api.grpc.pb import inference_pb2 as ipb
 from server.engine.types import Completion, Sampling
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, RequestTimeout
 from server.inference import generation
 from server.inference.generation import Usage
 from server.service import ModelCard, Service
@@ -95,18 +95,27 @@ def messages(req: ipb.ChatRequest) -> list[dict]:
     return [{"role": ROLES[m.role], "content": m.content} for m in req.messages]
 
 
-async def upload_metadata(stream: AsyncIterator[apb.UploadRequest]) -> apb.UploadMetadata:
+async def _next(stream: AsyncIterator[apb.UploadRequest], gap_s: float):
+    """The stream's next message, or None at its end; a client silent for ``gap_s`` is refused,
+    as an HTTP body that stalls is (--body-timeout-s): it would hold a staging directory forever."""
+    try:
+        return await asyncio.wait_for(anext(stream, None), gap_s)
+    except TimeoutError:
+        raise RequestTimeout(f"the upload sent nothing for {gap_s:g} s (--body-timeout-s)", field="body") from None
+
+
+async def upload_metadata(stream: AsyncIterator[apb.UploadRequest], gap_s: float) -> apb.UploadMetadata:
     """The first message of an Upload/Replace stream, which must be its metadata."""
-    first = await anext(stream, None)
+    first = await _next(stream, gap_s)
     if first is None or first.WhichOneof("part") != "metadata":
         raise InvalidArgument("the first message of an upload must be its metadata", field="metadata")
     return first.metadata
 
 
-async def upload_body(stream: AsyncIterator[apb.UploadRequest], staged: StagedUpload) -> None:
+async def upload_body(stream: AsyncIterator[apb.UploadRequest], staged: StagedUpload, gap_s: float) -> None:
     """The rest of the stream, written into ``staged`` as it arrives (file work in a worker thread)."""
     received = False
-    async for msg in stream:
+    while (msg := await _next(stream, gap_s)) is not None:
         part = msg.WhichOneof("part")
         if part == "file":
             await asyncio.to_thread(staged.write_file, msg.file.filename, msg.file.data)

@@ -29,6 +29,18 @@ SERVICES = (inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name)
 HEALTH_POLL_S = 1.0
 MAX_MESSAGE_BYTES = 4 << 20  # gRPC's default; upload chunks must stay under it
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A connection that carries no call for 5 minutes is closed (GOAWAY), and a peer that stops
+    # answering keepalive pings is dropped after 20 s: neither holds a socket forever.
+    ("grpc.max_connection_idle_ms", 300_000),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    # Clients may ping every 10 s, without a call in flight (grpc's own default would GOAWAY them).
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+"""Every loraplex gRPC server's options: the single server's and the Ray ingress's."""
 
 
 class GrpcServer:
@@ -75,9 +87,10 @@ def _credentials(certfile: Path, keyfile: Path) -> grpc.ServerCredentials:
 
 async def start_grpc(service: Service, host: str, port: int, *, certfile: Path | None = None,
                      keyfile: Path | None = None) -> GrpcServer:
-    """Listen on ``host:port``: TLS with ``certfile``/``keyfile`` (PEM), plaintext without."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()],
-                             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    """Listen on ``host:port``: TLS with ``certfile``/``keyfile`` (PEM), plaintext without. At most
+    --grpc-max-concurrent-rpcs calls run at once; one more is RESOURCE_EXHAUSTED."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=SERVER_OPTIONS,
+                             maximum_concurrent_rpcs=service.settings.grpc_max_concurrent_rpcs)
     inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(service), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(service), server)
     address = f"{host}:{port}"

@@ -48,7 +48,7 @@ async def _upload(request: Request, principal: Principal, service: Service, *, n
         if (n := name or fields.get("name")) is not None:
             adapters.check_upload(principal, n, tenant or fields.get("tenant"), replace=replace)
 
-    async with adapters.staging() as staged:
+    async with adapters.staging(principal) as staged:
         fields = await multipart.receive(request, staged, before_files=before_files)
         if name is None and "name" not in fields:
             raise InvalidArgument("the form has no 'name' field: the adapter's name", field="name")

@@ -42,8 +42,7 @@ async def detokenize(req: DetokenizeRequest, principal: Principal = Depends(deps
                      service: Service = Depends(deps.service)):
     if req.model is not None:
         service.resolve(principal, req.model)
-    service.prompts.check_ids(req.tokens, "tokens")
-    return {"prompt": service.prompts.decode(req.tokens)}
+    return {"prompt": await service.prompts.detokenize(req.tokens)}
 
 
 @router.get("/version")
