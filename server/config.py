@@ -115,9 +115,9 @@ class Settings(BaseSettings):
     max_uploads_per_tenant: int = Field(2, ge=1)
     """Uploads one tenant may have in flight on this server (admins: up to --max-uploads)."""
     staging_reserve_bytes: int = Field(256 << 20, ge=0)
-    """Disk space under --data-dir that uploads leave free: each upload in flight reserves
-    --max-upload-bytes, and one that would leave less than this free is a 503, so that staging
-    never fills the disk the registry writes to."""
+    """Disk space under --data-dir that uploads leave free: each upload in flight reserves twice
+    --max-upload-bytes (an archive and what it unpacks to), and one that would leave less than this
+    free is a 503, so that staging never fills the disk the registry writes to."""
     adapter_gc_grace_s: float = Field(60.0, ge=0.0)
     """How long a deleted or replaced adapter's files stay on disk after it is released, for requests
     that resolved it just before; then they are reclaimed."""

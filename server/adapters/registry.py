@@ -158,28 +158,19 @@ class AdapterRegistry:
         a pin per server that pins at the same moment."""
         with self._write() as conn:
             conn.lock_tenant(tenant)  # one writer per tenant at a time, across servers
-            if pinned and max_pinned is not None:
-                n = conn.execute("SELECT COUNT(*) FROM adapters WHERE tenant = ? AND status = 'active' "
-                                 "AND pinned = 1 AND name <> ?", (tenant, name)).fetchone()[0]
-                if n >= max_pinned:
-                    raise QuotaExceeded(f"tenant {tenant!r} has {n} pinned adapters, its limit is {max_pinned} "
-                                        "(--max-pins-per-tenant); unpin one first", field="pin")
-            if pinned and room is not None:
-                row = conn.execute("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE status = 'active' "
-                                   "AND pinned = 1 AND NOT (tenant = ? AND name = ?)", (tenant, name)).fetchone()
-                count, size = row[0], row[1]
-                mine = conn.execute("SELECT size_bytes FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
-                                    (tenant, name)).fetchone()
-                if mine is not None and (count + 1 > room[0] or size + mine[0] > room[1]):
-                    raise QuotaExceeded(f"pinned adapters may hold {room[0]:g} adapters and {room[1] / 2**20:.1f} MiB "
-                                        f"of this server's adapter cache (--max-pinned-share); {count} of "
-                                        f"{size / 2**20:.1f} MiB are pinned and this one is {mine[0] / 2**20:.1f} MiB; "
-                                        "unpin one first", field="pin")
+            if pinned:
+                _check_pin(conn, tenant, name, max_pinned, room)
             cur = conn.execute("UPDATE adapters SET pinned = ? WHERE tenant = ? AND name = ? AND status = 'active'",
                                (int(pinned), tenant, name))
             if cur.rowcount == 0:
                 raise not_found(name)
             return _active(conn, tenant, name)
+
+    def check_pin(self, tenant: str, name: str, *, max_pinned: int | None = None,
+                  room: tuple[float, float] | None = None) -> None:
+        """What :meth:`set_pinned` would refuse, without writing (before the adapter is loaded)."""
+        with self._db.transaction(write=False) as conn:
+            _check_pin(conn, tenant, name, max_pinned, room)
 
     def retired(self) -> list[AdapterRecord]:
         """Replaced versions not yet forgotten, oldest first."""
@@ -261,3 +252,24 @@ def _record(row: Row) -> AdapterRecord:
         tuple(json.loads(row["target_modules"])), row["base_fingerprint"], bool(row["pinned"]),
         row["created_at"], AdapterStatus(row["status"]), row.get("retired_at"),
     )
+
+
+def _check_pin(conn: Conn, tenant: str, name: str, max_pinned: int | None, room: tuple[float, float] | None) -> None:
+    """Pinning ``tenant``'s ``name`` past ``max_pinned`` of its adapters, or past ``room``
+    (adapters, bytes) for every tenant's pins together, is a :class:`QuotaExceeded` on ``pin``."""
+    if max_pinned is not None:
+        n = conn.execute("SELECT COUNT(*) FROM adapters WHERE tenant = ? AND status = 'active' "
+                         "AND pinned = 1 AND name <> ?", (tenant, name)).fetchone()[0]
+        if n >= max_pinned:
+            raise QuotaExceeded(f"tenant {tenant!r} has {n} pinned adapters, its limit is {max_pinned} "
+                                "(--max-pins-per-tenant); unpin one first", field="pin")
+    if room is not None:
+        row = conn.execute("SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE status = 'active' "
+                           "AND pinned = 1 AND NOT (tenant = ? AND name = ?)", (tenant, name)).fetchone()
+        count, size = row[0], row[1]
+        mine = conn.execute("SELECT size_bytes FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
+                            (tenant, name)).fetchone()
+        if mine is not None and (count + 1 > room[0] or size + mine[0] > room[1]):
+            raise QuotaExceeded(f"pinned adapters may hold {room[0]:g} adapters and {room[1] / 2**20:.1f} MiB of this "
+                                f"server's adapter cache (--max-pinned-share); {count} of {size / 2**20:.1f} MiB are "
+                                f"pinned and this one is {mine[0] / 2**20:.1f} MiB; unpin one first", field="pin")

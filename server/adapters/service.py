@@ -35,11 +35,11 @@ from server import failpoints
 from server.adapters.registry import AdapterRecord, AdapterRegistry, validate_name
 from server.adapters.residency import ResidencyManager
 from server.adapters.staging import StagedUpload, copy_dir
+from server.adapters.uploads import UploadSlots
 from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec, UploadFile, feed, validate
 from server.config import Settings
-from server.errors import (AdapterRejected, ConcurrencyExceeded, Conflict, InvalidArgument, PermissionDenied,
-                           QuotaExceeded, StagingFull)
+from server.errors import AdapterRejected, Conflict, InvalidArgument, PermissionDenied, QuotaExceeded
 from server.tenants.store import Principal, TenantStore
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class AdapterService:
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
         self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
-        self._uploads: dict[object, str] = {}  # uploads being staged, to their tenants
+        self.uploads = UploadSlots(settings, store.free_bytes)
         self.on_change = None
         """Awaited after each write (Service.refresh): the snapshot requests read from is reloaded
         off the event loop before the write's response, not by the next request."""
@@ -81,36 +81,20 @@ class AdapterService:
         return ns
 
     @asynccontextmanager
-    async def staging(self, principal: Principal, *, max_bytes: int | None = None) -> AsyncIterator[StagedUpload]:
+    async def staging(self, principal: Principal, *, max_bytes: int | None = None, reserve: int | None = None,
+                      field: str = "files") -> AsyncIterator[StagedUpload]:
         """A :class:`StagedUpload` in a fresh staging directory, removed on exit unless stored.
-        Bounded before a byte is read: uploads at once, per tenant and for the server, and the
-        disk space each may fill (its --max-upload-bytes, reserved until it ends)."""
+        Bounded before a byte is read (:class:`~server.adapters.uploads.UploadSlots`): uploads at
+        once, and the disk space this one may fill, ``reserve`` (default: an archive and what it
+        unpacks to, each up to ``max_bytes``)."""
         max_bytes = max_bytes or self.settings.max_upload_bytes
-        tenant, s = principal.tenant, self.settings
-        if len(self._uploads) >= s.max_uploads:
-            raise ConcurrencyExceeded(f"this server is taking {len(self._uploads)} uploads at once, its limit "
-                                      f"(--max-uploads); retry shortly", field="files")
-        mine = sum(t == tenant for t in self._uploads.values())
-        if not principal.is_admin and mine >= s.max_uploads_per_tenant:
-            raise ConcurrencyExceeded(f"tenant {tenant!r} already has {mine} uploads in flight, its limit "
-                                      "(--max-uploads-per-tenant); retry when one finishes", field="files")
-        free = self.store.free_bytes()
-        reserved = len(self._uploads) * s.max_upload_bytes
-        if free - reserved - max_bytes < s.staging_reserve_bytes:
-            raise StagingFull(f"the server's disk has {free / 2**30:.1f} GiB free, {reserved / 2**30:.1f} GiB of it "
-                              f"held for uploads in flight; this one may need {max_bytes / 2**30:.1f} GiB "
-                              "(--max-upload-bytes); retry later")
-        token = object()
-        self._uploads[token] = tenant
-        try:
+        with self.uploads.hold(principal, reserve=2 * max_bytes if reserve is None else reserve, field=field):
             with self.store.staging_dir() as path:
                 staged = StagedUpload(path, max_bytes=max_bytes)
                 try:
                     yield staged
                 finally:
                     staged.abort()
-        finally:
-            del self._uploads[token]
 
     async def add(self, principal: Principal, name: str, staged: StagedUpload, *, tenant: str | None = None,
                   replace: bool = False, refusal_field: str = "files") -> AdapterRecord:
@@ -216,7 +200,8 @@ class AdapterService:
         ns = self.namespace(principal, tenant)
         replace = replace and any(r.name == name for r in self.registry.list(ns))
         self.check_upload(principal, name, tenant, replace=replace)
-        async with self.staging(principal) as staged:
+        size = await asyncio.to_thread(_dir_bytes, real)
+        async with self.staging(principal, reserve=size, field="lora_path") as staged:
             await asyncio.to_thread(_copy_from_roots, real, roots, staged)
             return await self.add(principal, name, staged, tenant=tenant, replace=replace, refusal_field="lora_path")
 
@@ -235,7 +220,8 @@ class AdapterService:
             if not src.is_dir():
                 raise InvalidArgument(f"--lora-modules {spec!r}: {path} is not a directory", field="lora_modules")
             existing = {r.name: r for r in self.registry.list(tenant)}.get(name)
-            async with self.staging(operator) as staged:
+            size = await asyncio.to_thread(_dir_bytes, src)
+            async with self.staging(operator, reserve=size, field="lora_modules") as staged:
                 await asyncio.to_thread(copy_dir, src, staged)
                 if existing is not None and await asyncio.to_thread(staged.finish) == existing.digest:
                     out.append(existing)
@@ -279,8 +265,6 @@ class AdapterService:
                          tenant: str | None = None) -> AdapterRecord:
         ns = self.namespace(principal, tenant)
         rec = self.registry.get(ns, name)
-        if pinned:  # pinning keeps it warm: load it first, and pin only once it is in
-            await self.warm(rec, wait=True)
         share, r = self.settings.max_pinned_share, self.residency
         # A tenant's pins are bounded, and so are all pins together (admins' count, but an admin,
         # the operator, may pin past the share), so that every other tenant's cold adapter still
@@ -288,6 +272,10 @@ class AdapterService:
         bounds = {} if not pinned or principal.is_admin else {
             "max_pinned": self.settings.max_pins_per_tenant,
             "room": (int(share * r.max_entries), share * r.budget_bytes)}
+        if pinned:  # pinning keeps it warm: load it first (if the pin may be taken), pin once it is in
+            if bounds:
+                await asyncio.to_thread(self.registry.check_pin, ns, name, **bounds)
+            await self.warm(rec, wait=True)
         await asyncio.to_thread(self.registry.set_pinned, ns, name, pinned, **bounds)
         self.residency.set_pinned(rec.key, pinned)
         await self.changed()
@@ -416,6 +404,11 @@ def recover(registry: AdapterRegistry, store, *, grace_s: float = 0.0) -> dict[s
     except StoreUnavailable as e:
         logger.warning("recovery: the adapter store does not answer (%s); unreferenced blobs stay for now", e.message)
     return counts
+
+
+def _dir_bytes(path: Path) -> int:
+    """What copying ``path`` stages (its files, as the copy follows them)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _module(spec: str) -> tuple[str, str]:

@@ -4,7 +4,7 @@
 
     clients --> LoraplexIngress      the key, a bounded body and the request rate (the same guard
                   |                  as python -m server); which adapter version the request is for
-                  |  handle.options(multiplexed_model_id="<tenant>/<name>@<version>", stream=True)
+                  |  handle.options(multiplexed_model_id=<hash of the adapter version>, stream=True)
                   v                  <- Ray sends it to a replica that holds that version
                 LoraplexEngine x N   each the whole single-process server (server.runtime.build):
                                      its own vLLM engine, the service layer, the FastAPI app,
@@ -14,7 +14,8 @@
 server`` (the ingress forwards it whole and relays the response, streamed): tenants, keys,
 quotas, validation, errors and per-replica metrics are that code's, not a copy. The ingress
 only authenticates first (so a request without a key costs no replica anything), charges the
-tenant's rate once, and names the adapter version as Ray's multiplexed model id.
+tenant's rate once, and names the adapter version as Ray's multiplexed model id (an opaque
+hash: Ray exports that id on metrics that need no key, :func:`multiplex_id`).
 
 **Affinity.** Ray routes a multiplexed id to a replica that has loaded it, and to a less busy
 one when that replica is saturated; the replica's loader (:meth:`LoraplexEngine._load`) puts
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -44,6 +46,8 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 
+from server.adapters.registry import AdapterRecord
+from server.adapters.uploads import UploadSlots
 from server.api.http.errors import body as error_body, error_response, status_of
 from server.config import Settings
 from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, Unauthenticated
@@ -123,13 +127,14 @@ class LoraplexEngine:
         """Ray's multiplexed loader: put the version in this engine now. Never raises: the
         request itself then answers as the single-process server would (404, 503...)."""
         await self.service.refresh()  # the ingress may have seen a write this replica has not yet
-        record = next((r for r in self.service._adapters().values() if r.key == model_id), None)
-        if record is not None:
-            try:
-                await self.service.adapters.warm(record, wait=True)
-            except LoraplexError as e:
-                logger.info("warming %s: %s", model_id, e.message)
-        return _Resident(self.service, model_id)
+        record = next((r for r in self.service._adapters().values() if multiplex_id(r) == model_id), None)
+        if record is None:
+            return _Resident(self.service, None)
+        try:
+            await self.service.adapters.warm(record, wait=True)
+        except LoraplexError as e:
+            logger.info("warming %s: %s", record.key, e.message)
+        return _Resident(self.service, record.key)
 
     async def check_health(self) -> None:
         """Ray's health check: a dead engine fails it, and Ray replaces this replica."""
@@ -249,15 +254,29 @@ class LoraplexEngine:
             service.engine.shutdown()
 
 
+def _is_upload(method: str, path: str) -> bool:
+    """POST /v1/adapters and PUT /v1/adapters/{name}: a body of adapter files."""
+    return (method == "POST" and path == "/v1/adapters") or (method == "PUT" and path.startswith("/v1/adapters/")
+                                                                and path.count("/") == 3)
+
+
+def multiplex_id(record: AdapterRecord) -> str:
+    """The adapter version's name to Ray: Ray exports it on its own metrics and dashboard, which
+    need no key, so it names no tenant and no adapter. A hash of the version's key and its
+    digest (only whoever has the adapter's files can compute it)."""
+    return hashlib.sha256(f"{record.key}\0{record.digest}".encode()).hexdigest()[:24]
+
+
 class _Resident:
     """What Ray's multiplexed cache holds for one adapter version; evicting it unloads that
     version from the engine if no request is using it."""
 
-    def __init__(self, service, key: str):
+    def __init__(self, service, key: str | None):
         self.service, self.key = service, key
 
     async def __del__(self) -> None:
-        await self.service.residency.unload_if_idle(self.key)
+        if self.key is not None:
+            await self.service.residency.unload_if_idle(self.key)
 
 
 class LoraplexIngress:
@@ -275,6 +294,7 @@ class LoraplexIngress:
         db = await asyncio.to_thread(open_db, self.settings)
         self.registry = AdapterRegistry(db)
         self.auth = Authenticator(TenantStore(db))
+        self.uploads = UploadSlots(self.settings)  # held in memory here, not staged: counted, not sized
         self.limiter = SharedRateLimiter(self.settings.rate_limit_url) if self.settings.rate_limit_url \
             else RateLimiter()
         self.draining = False
@@ -342,13 +362,23 @@ class LoraplexIngress:
             return ""
         try:
             model = json.loads(body).get("model")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):  # the replica's 400 says which
             return ""
         principal = scope.get("state", {}).get("principal")
         if not isinstance(model, str) or model == self.served or principal is None:
             return ""
         record = self._snapshot.get((principal.tenant, model.removeprefix(self.served + ":")))
-        return record.key if record is not None else ""
+        return multiplex_id(record) if record is not None else ""
+
+    async def _after_write(self) -> None:
+        """A write a replica acknowledged: route by it from now on. The write is done; a registry
+        that does not answer now only delays this to the next poll, never fails the response."""
+        try:
+            await asyncio.to_thread(self.registry.poll)
+            await self._reload()
+        except Exception:
+            logger.warning("the registry did not answer after a write; routing catches up on the next poll",
+                           exc_info=True)
 
     # ------------------------------------------------------------ the forward
 
@@ -357,14 +387,27 @@ class LoraplexIngress:
             return await _lifespan(receive, send)
         if scope["type"] != "http":
             return
+        principal = scope.get("state", {}).get("principal")
+        if principal is None or not _is_upload(scope["method"], scope["path"]):
+            return await self._relay(scope, receive, send)
+        try:  # an upload is held whole here: bounded as the replica bounds its own
+            with self.uploads.hold(principal):
+                return await self._relay(scope, receive, send)
+        except LoraplexError as e:
+            return await _send_error(send, e)
+
+    async def _relay(self, scope, receive, send) -> None:
         chunks = []
-        while True:  # the guard bounded it (and read a JSON body whole already)
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        try:
+            while True:  # the guard bounds it: over the cap (413) or stalled (408) raises here
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        except LoraplexError as e:
+            return await _send_error(send, e)
         body = b"".join(chunks)
         request = {"method": scope["method"], "path": scope["path"], "query_string": scope.get("query_string", b""),
                    "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
@@ -376,8 +419,8 @@ class LoraplexIngress:
             stream = self.engine.options(stream=True, multiplexed_model_id=model_id).http.remote(request)
             try:
                 start = await stream.__anext__()
-            except (RayActorError, ActorUnavailableError) as e:
-                logger.warning("replica gone before answering (try %d of %d): %s", attempt + 1, ATTEMPTS, e)
+            except (RayActorError, ActorUnavailableError, StopAsyncIteration) as e:
+                logger.warning("replica gone before answering (try %d of %d): %r", attempt + 1, ATTEMPTS, e)
                 start = None
                 continue
             except RayError:
@@ -391,8 +434,7 @@ class LoraplexIngress:
         if start is None:
             return await _send_error(send, ReplicaLost("no engine replica answered; retry"))
         if scope["method"] != "GET" and scope["path"].startswith(_WRITES):
-            await asyncio.to_thread(self.registry.poll)  # the write is acknowledged: route by it from now on
-            await self._reload()
+            await self._after_write()
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in start["headers"] if k != ENGINE_HEADER]
         await send({"type": "http.response.start", "status": start["status"], "headers": headers})
         sse = any(k == "content-type" and v.startswith("text/event-stream") for k, v in start["headers"])
@@ -417,66 +459,67 @@ class LoraplexIngress:
         """One loraplex.v1 call: authenticated and charged here, then run by a replica's own
         servicers; its messages, metadata and status are relayed as they come."""
         from server.api.grpc.pb import inference_pb2 as ipb
-        from server.api.grpc.protocol import FORWARDED
+        from server.api.grpc.protocol import FORWARDED, next_message
         from server.api.grpc.server import MAX_MESSAGE_BYTES
 
         metadata = [(k, v) for k, v in context.invocation_metadata() or () if k != FORWARDED]
         principal = await self.authenticate(next((v for k, v in metadata if k == "authorization"), None))
-        if kind == "stream_unary":  # an upload: its chunks, bounded as HTTP bounds one
-            messages, total = [], 0
-            cap = self.settings.max_upload_bytes + (1 << 20)
-            async for message in request:
-                total += len(message)
-                if total > cap:
-                    raise PayloadTooLarge(f"upload over {self.settings.max_upload_bytes} bytes "
-                                          "(--max-upload-bytes)", field="chunk")
-                messages.append(message)
-        else:
-            messages = [request]
-        model_id = ""
-        if method in ("/loraplex.v1.Inference/Generate", "/loraplex.v1.Inference/Chat") and len(request) <= MAX_MESSAGE_BYTES:
-            cls = ipb.GenerateRequest if method.endswith("/Generate") else ipb.ChatRequest
-            with contextlib.suppress(Exception):  # unparsable: the replica answers INVALID_ARGUMENT
-                model = cls.FromString(request).model
-                record = self._snapshot.get((principal.tenant, model.removeprefix(self.served + ":")))
-                model_id = record.key if record is not None and model != self.served else ""
-        call = {"method": method, "messages": messages, "metadata": metadata, "generation": self._generation}
-        result = None
-        for attempt in range(ATTEMPTS):
-            stream = self.engine.options(stream=True, multiplexed_model_id=model_id).grpc.remote(call)
+        held = self.uploads.hold(principal, field="chunk") if kind == "stream_unary" else contextlib.nullcontext()
+        with held:
+            if kind == "stream_unary":  # an upload: its chunks, bounded as HTTP bounds one
+                messages, total = [], 0
+                cap = self.settings.max_upload_bytes + (1 << 20)
+                while (message := await next_message(request, self.settings.body_timeout_s)) is not None:
+                    total += len(message)
+                    if total > cap:
+                        raise PayloadTooLarge(f"upload over {self.settings.max_upload_bytes} bytes "
+                                              "(--max-upload-bytes)", field="chunk")
+                    messages.append(message)
+            else:
+                messages = [request]
+            model_id = ""
+            if method in ("/loraplex.v1.Inference/Generate", "/loraplex.v1.Inference/Chat") and len(request) <= MAX_MESSAGE_BYTES:
+                cls = ipb.GenerateRequest if method.endswith("/Generate") else ipb.ChatRequest
+                with contextlib.suppress(Exception):  # unparsable: the replica answers INVALID_ARGUMENT
+                    model = cls.FromString(request).model
+                    record = self._snapshot.get((principal.tenant, model.removeprefix(self.served + ":")))
+                    model_id = multiplex_id(record) if record is not None and model != self.served else ""
+            call = {"method": method, "messages": messages, "metadata": metadata, "generation": self._generation}
+            result = None
+            for attempt in range(ATTEMPTS):
+                stream = self.engine.options(stream=True, multiplexed_model_id=model_id).grpc.remote(call)
+                try:
+                    first = await stream.__anext__()
+                    second = await stream.__anext__()
+                except (RayActorError, ActorUnavailableError, StopAsyncIteration):
+                    continue
+                if isinstance(second, dict) and second.get("engine_dead") and attempt + 1 < ATTEMPTS:
+                    stream.cancel()
+                    await asyncio.sleep(RETRY_BACKOFF_S[attempt])
+                    continue
+                break
+            else:
+                raise ReplicaLost("no engine replica answered; retry")
+            await context.send_initial_metadata(first["initial"])
             try:
-                first = await stream.__anext__()
-                second = await stream.__anext__()
-            except (RayActorError, ActorUnavailableError, StopAsyncIteration):
-                continue
-            if isinstance(second, dict) and second.get("engine_dead") and attempt + 1 < ATTEMPTS:
-                stream.cancel()
-                await asyncio.sleep(RETRY_BACKOFF_S[attempt])
-                continue
-            break
-        else:
-            raise ReplicaLost("no engine replica answered; retry")
-        await context.send_initial_metadata(first["initial"])
-        try:
-            async for item in _prepend(second, stream):
-                if isinstance(item, bytes):
-                    if kind == "unary_stream":
-                        await context.write(item)
+                async for item in _prepend(second, stream):
+                    if isinstance(item, bytes):
+                        if kind == "unary_stream":
+                            await context.write(item)
+                        else:
+                            result = item
+                    elif "code" in item:
+                        await context.abort(getattr(grpc.StatusCode, item["code"]), item["details"],
+                                            tuple(item["trailing"]))
                     else:
-                        result = item
-                elif "code" in item:
-                    await context.abort(getattr(grpc.StatusCode, item["code"]), item["details"],
-                                        tuple(item["trailing"]))
-                else:
-                    context.set_trailing_metadata(tuple(item["trailing"]))
-        except (RayActorError, ActorUnavailableError):
-            raise ReplicaLost("the engine replica running this call died; retry it") from None
-        finally:
-            stream.cancel()
-        if method in _GRPC_WRITES:
-            await asyncio.to_thread(self.registry.poll)
-            await self._reload()
-        return result
+                        context.set_trailing_metadata(tuple(item["trailing"]))
+            except (RayActorError, ActorUnavailableError):
+                raise ReplicaLost("the engine replica running this call died; retry it") from None
+            finally:
+                stream.cancel()
+            if method in _GRPC_WRITES:
+                await self._after_write()
+            return result
 
 
 async def _prepend(first, stream) -> AsyncIterator:
@@ -568,19 +611,38 @@ def deployments(settings: Settings, *, replicas: int | None = None):
     return ingress, engine
 
 
+SECRETS = ("registry_url", "store_url", "rate_limit_url")
+"""Settings that may hold credentials: replicas read them from their environment."""
+
+UNSUPPORTED_ON_RAY = {
+    "lora_modules": "upload adapters through the API",
+    "grpc_ssl_certfile": "terminate TLS in front of the cluster",
+    "metrics_port": "each replica's /metrics is on the HTTP front (admin key); Ray exports its own",
+    "ssl_certfile": "terminate TLS in front of Ray's proxy",
+}
+
+
+def ray_args(args: dict[str, Any] | None) -> dict[str, Any]:
+    """The application's args, checked: a setting Ray Serve cannot honour is an error when the
+    args give it, and is turned off for every replica when only the environment does (the image
+    sets LORAPLEX_METRICS_PORT for the single server; on Ray it must not stop the app)."""
+    args = dict(args or {})
+    from_env = Settings()
+    for field, why in UNSUPPORTED_ON_RAY.items():
+        if args.get(field):
+            raise ValueError(f"--{field.replace('_', '-')} is not supported on Ray Serve: {why}")
+        if getattr(from_env, field):
+            logger.warning("LORAPLEX_%s from the environment is ignored on Ray Serve: %s", field.upper(), why)
+            args[field] = Settings.model_fields[field].get_default(call_default_factory=True)
+    return args
+
+
 def build(args: dict[str, Any] | None = None, *, replicas: int | None = None):
     """The Serve application (``import_path: server.cluster.app:build``). ``args`` are
     ``python -m server``'s settings by their field names (``max_loras: 8``); each replica also
     reads its own LORAPLEX_* environment (secrets: the registry, store and Redis URLs)."""
-    args = dict(args or {})
+    args = ray_args(args)
     settings = Settings(**args)  # a bad setting fails `serve run`, not every replica
-    unsupported = {"lora_modules": "upload adapters through the API",
-                   "grpc_ssl_certfile": "terminate TLS in front of the cluster",
-                   "metrics_port": "each replica's /metrics is on the HTTP front (admin key); Ray exports its own",
-                   "ssl_certfile": "terminate TLS in front of Ray's proxy"}
-    for field, why in unsupported.items():
-        if getattr(settings, field):
-            raise ValueError(f"--{field.replace('_', '-')} is not supported on Ray Serve: {why}")
     ingress, engine = deployments(settings, replicas=replicas)
     return ingress.bind(engine.bind(args), args)
 
@@ -594,8 +656,13 @@ def run(settings: Settings, replicas: int) -> None:
 
     import ray
 
-    args = settings.model_dump(mode="json", exclude_unset=True, exclude={"replicas", "config"})
+    args = settings.model_dump(mode="json", exclude_unset=True, exclude={"replicas", "config", *SECRETS})
     args.setdefault("data_dir", str(settings.data_dir))  # one data directory for every replica
+    # Secrets reach the replicas through the environment the local cluster inherits, never
+    # through the app's args, which Ray keeps in its GCS and shows on its dashboard.
+    for field in SECRETS:
+        if (value := getattr(settings, field)) is not None:
+            os.environ[f"LORAPLEX_{field.upper()}"] = value
     app = build(args, replicas=replicas)
 
     def stop(signum, frame):

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +36,8 @@ from server.tenants.store import Principal
 
 logger = logging.getLogger(__name__)
 
+SHARED_SALT = "\x00shared"
+"""The prefix-cache owner of --shared-prefix-cache-tenants (no tenant name has a NUL)."""
 ABORT_TIMEOUT_S = 10.0
 """How long an engine abort may take before the request's adapter and limits are given back anyway."""
 
@@ -140,6 +144,7 @@ class InferenceService:
         """Admitted requests not yet finished, by (tenant, request id)."""
         self.draining = False
         self._aborts: set[asyncio.Task] = set()  # engine aborts in flight, referenced until done
+        self._salt_key = secrets.token_bytes(32)
 
     def check_serving(self) -> None:
         if self.draining:
@@ -197,11 +202,14 @@ class InferenceService:
 
     def cache_salt(self, principal: Principal, client: str | None) -> str | None:
         """vLLM's ``cache_salt`` for a request: the tenant's own, with the client's inside it, so that
-        no tenant reuses (or can time) another's cached prefixes; the client's alone for the
-        tenants an operator lets share (--shared-prefix-cache-tenants)."""
-        if not self.settings.enable_prefix_caching or principal.tenant in self.settings.shared_prefix_cache_tenants:
+        no tenant reuses (or can time) another's cached prefixes; one for all the tenants an
+        operator lets share (--shared-prefix-cache-tenants), with the client's inside it."""
+        if not self.settings.enable_prefix_caching:
             return client
-        return hashlib.sha256(json.dumps([principal.tenant, client]).encode()).hexdigest()
+        # Keyed by a secret of this process (each engine has its own cache), so that no client can
+        # compute, and send, another tenant's salt; the shared tenants' salts are made the same way.
+        owner = SHARED_SALT if principal.tenant in self.settings.shared_prefix_cache_tenants else principal.tenant
+        return hmac.new(self._salt_key, json.dumps([owner, client]).encode(), hashlib.sha256).hexdigest()
 
     def _resolve(self, s: Sampling, room: int) -> Sampling:
         """Unset fields from the base's generation config, else OpenAI's defaults; max_tokens
@@ -314,19 +322,21 @@ class InferenceService:
     def _abort_soon(self, request_ids: list[str], admission: Admission | None = None) -> None:
         """Abort the engine requests in a task of their own, then release ``admission``: an adapter
         released first could be removed while the engine still steps a request that uses it."""
+        task = asyncio.get_running_loop().create_task(self._abort(request_ids, admission))
         if admission is not None:
             admission.aborting = True
-        task = asyncio.get_running_loop().create_task(self._abort(request_ids, admission))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
     async def _abort(self, request_ids: list[str], admission: Admission | None) -> None:
-        try:
-            for rid in request_ids:
-                try:  # bounded: an engine that never answers must not hold the tenant's slots
-                    await asyncio.wait_for(self.engine.abort(rid), ABORT_TIMEOUT_S)
-                except Exception:
-                    logger.debug("abort of %s failed", rid, exc_info=True)
+        try:  # all at once, bounded: an engine that never answers must not hold the tenant's slots
+            results = await asyncio.wait_for(asyncio.gather(*(self.engine.abort(r) for r in request_ids),
+                                                            return_exceptions=True), ABORT_TIMEOUT_S)
+            for rid, r in zip(request_ids, results):
+                if isinstance(r, Exception):
+                    logger.debug("abort of %s failed: %r", rid, r)
+        except Exception:
+            logger.debug("aborts of %s failed", request_ids, exc_info=True)
         finally:
             if admission is not None:
                 admission.aborting = False

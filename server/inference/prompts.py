@@ -95,6 +95,9 @@ class Prompts:
                                   field="continue_final_message")
         # Everything the template reads counts against --max-prompt-chars, before it is rendered.
         n = sum(_chars(m.get("content")) for m in messages)
+        n += sum(len(json.dumps(rest, default=str)) for m in messages  # tool calls, names, reasoning ...
+                 if (rest := {k: v for k, v in m.items() if k not in ("role", "content") and v is not None}))
+        self.check_chars(n, field)
         for name, value in (("tools", tools), ("documents", documents), ("chat_template_kwargs", kwargs)):
             if value:
                 n += len(json.dumps(value, default=str))

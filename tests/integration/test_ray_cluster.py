@@ -103,6 +103,22 @@ def test_tenants_are_isolated_across_replicas(ray_cluster, adapter_dirs):
         assert "tiny:private" not in {m["id"] for m in h.get("/v1/models").json()["data"]}
 
 
+def test_a_clients_mistake_is_a_4xx_through_the_ingress(ray_cluster):
+    """Over the body cap while it arrives (no Content-Length), and JSON nested past the parser's
+    stack: 413 and 400 from the ingress, as from the single server (both were 500s), and the
+    ingress serves on."""
+    def nine_mib():
+        for _ in range(9):
+            yield b" " * (1 << 20)
+
+    with http(ray_cluster) as h:
+        r = h.post("/v1/completions", content=nine_mib(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+        r = h.post("/v1/completions", content=b"[" * 200_000, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+    assert complete(ray_cluster, "tiny").status_code == 200
+
+
 def test_an_adapter_keeps_to_its_replica_and_spills_over_when_it_is_saturated(ray_cluster, adapter_dirs):
     assert upload(ray_cluster, "affine", adapter_dirs["a3"]).status_code == 201
     first = complete(ray_cluster, "tiny:affine")

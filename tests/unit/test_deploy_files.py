@@ -308,7 +308,7 @@ def test_compose_s3_override():
 # ------------------------------------------------------------------ Kubernetes
 
 
-CORE = ["configmap.yaml", "secret.yaml", "pvc.yaml", "deployment.yaml", "service.yaml"]
+CORE = ["configmap.yaml", "secret.yaml", "pvc.yaml", "deployment.yaml", "service.yaml", "networkpolicy.yaml"]
 
 
 def k8s_objects() -> list[dict]:
@@ -455,6 +455,89 @@ def test_serve_config_builds_the_application():
     assert build(app["args"]) is not None
     names = {d["name"] for d in app["deployments"]}
     assert names == {"LoraplexIngress", "LoraplexEngine"}
+
+
+def image_env() -> dict[str, str]:
+    """The LORAPLEX_* environment deploy/docker/Dockerfile's image sets (its ENV lines)."""
+    text = (DEPLOY / "docker/Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(kv.split("=", 1) for kv in line[4:].split() if "=" in kv)
+    return {k: v for k, v in env.items() if k.startswith("LORAPLEX_")}
+
+
+def test_the_kuberay_app_builds_in_the_images_own_environment(monkeypatch):
+    """deploy/k8s/rayservice.yaml runs the shipped image: its ENV (LORAPLEX_METRICS_PORT for the
+    single server among them) must not stop `serve deploy`, and no replica gets that setting."""
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed here")
+    from server.cluster.app import build, ray_args
+
+    env = image_env()
+    assert env.get("LORAPLEX_METRICS_PORT")  # what made the app refuse to start
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    (app,) = serve_config()["applications"]
+    assert build(app["args"]) is not None
+    args = ray_args(app["args"])
+    assert args["metrics_port"] is None and Settings(**args).metrics_port is None  # what each replica reads
+    with pytest.raises(ValueError, match="--metrics-port is not supported on Ray Serve"):
+        ray_args({**app["args"], "metrics_port": 9400})  # given on purpose: still an error
+
+
+def test_local_replicas_get_secrets_from_the_environment_not_the_app_args(monkeypatch):
+    """`python -m server --replicas N --registry-url postgresql://u:secret@h/db`: Ray keeps an app's
+    args in its GCS and shows them on its dashboard; the URL travels in the environment instead."""
+    pytest.importorskip("ray.serve", reason="ray[serve] is not installed here")
+    from server.cluster import app as cluster
+
+    seen = {}
+    monkeypatch.setattr(cluster, "build", lambda args, replicas: seen.setdefault("args", args) and None)
+    monkeypatch.setattr("ray.init", lambda **kw: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setenv("LORAPLEX_REGISTRY_URL", "restored-after-the-test")  # run() sets it: undo that
+    monkeypatch.delenv("LORAPLEX_REGISTRY_URL")
+    settings = Settings(registry_url="postgresql://u:secret@h/db", max_loras=2)
+    with pytest.raises(KeyboardInterrupt):
+        cluster.run(settings, replicas=2)
+    assert seen["args"]["max_loras"] == 2 and "registry_url" not in seen["args"]
+    assert "secret" not in repr(seen["args"])
+    assert os.environ["LORAPLEX_REGISTRY_URL"] == "postgresql://u:secret@h/db"
+
+
+def test_network_policies_keep_metrics_and_rays_control_plane_private():
+    """What the README promises: /metrics (no key; tenant and adapter names) reachable only from
+    the monitoring namespace, Ray's control plane only from the Ray cluster's own pods and the
+    KubeRay operator, and the API ports from anyone (they need tenant keys)."""
+    policies = {p["metadata"]["name"]: p["spec"] for p in load_all(K8S / "networkpolicy.yaml")}
+    (deployment,) = load_all(K8S / "deployment.yaml")
+    (rs,) = load_all(K8S / "rayservice.yaml")
+    cluster = rs["spec"]["rayClusterConfig"]
+    ray_pods = [cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])]
+
+    def selects(spec, template) -> bool:
+        return spec["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+
+    single, ray = policies["loraplex"], policies["loraplex-ray"]
+    assert selects(single, deployment["spec"]["template"]) and not any(selects(single, t) for t in ray_pods)
+    assert all(selects(ray, t) for t in ray_pods) and not selects(ray, deployment["spec"]["template"])
+    open_rules = [r for r in single["ingress"] if "from" not in r]
+    assert {p["port"] for r in open_rules for p in r["ports"]} == {"http", "grpc"}
+    (metrics,) = [r for r in single["ingress"] if "from" in r]
+    assert [p["port"] for p in metrics["ports"]] == ["metrics"] and "namespaceSelector" in metrics["from"][0]
+    (open_ray,) = [r for r in ray["ingress"] if "from" not in r]
+    assert {p["port"] for p in open_ray["ports"]} == {8000, 50051}  # Serve's proxy, the gRPC front
+    (private,) = [r for r in ray["ingress"] if "from" in r]
+    assert "ports" not in private  # every port, Ray's control plane's among them, to these peers only
+    assert private["from"][0]["podSelector"] == ray["podSelector"]
+    assert private["from"][1]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+    # Ray's own auth, and no secrets where its control plane runs.
+    assert cluster["authOptions"] == {"mode": "token"}
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert not any("secretRef" in e for e in head.get("envFrom", [])) and cluster["headGroupSpec"][
+        "rayStartParams"]["num-cpus"] == "0"
+    for version in k8s_versions():
+        for policy in load_all(K8S / "networkpolicy.yaml"):
+            validate(policy, version)
 
 
 def test_serve_config_against_ray_serves_own_schema():

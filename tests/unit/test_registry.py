@@ -145,6 +145,8 @@ def test_pins_are_bounded_per_tenant_and_for_all_tenants_together(registry):
             registry.add(tenant, name, digest, INFO, max_adapters=10)
     registry.set_pinned("acme", "a", True, max_pinned=1)
     registry.set_pinned("acme", "a", True, max_pinned=1)  # pinning it again is not another pin
+    with pytest.raises(QuotaExceeded, match="--max-pins-per-tenant"):
+        registry.check_pin("acme", "b", max_pinned=1)  # the same check, before the adapter is loaded
     with pytest.raises(QuotaExceeded, match="--max-pins-per-tenant") as e:
         registry.set_pinned("acme", "b", True, max_pinned=1)
     assert e.value.field == "pin" and not registry.get("acme", "b").pinned

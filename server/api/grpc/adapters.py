@@ -41,7 +41,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         meta = await protocol.upload_metadata(stream, gap_s)
         adapters, tenant, replace = self.service.adapters, protocol.tenant(meta), replace or meta.replace
         adapters.check_upload(principal, meta.name, tenant, replace=replace)  # a taken name: before the bytes
-        async with adapters.staging(principal) as staged:
+        async with adapters.staging(principal, field="chunk") as staged:
             await protocol.upload_body(stream, staged, gap_s)
             rec = await adapters.add(principal, meta.name, staged, tenant=tenant, replace=replace)
         return protocol.adapter(self.service, rec)

@@ -95,7 +95,7 @@ def messages(req: ipb.ChatRequest) -> list[dict]:
     return [{"role": ROLES[m.role], "content": m.content} for m in req.messages]
 
 
-async def _next(stream: AsyncIterator[apb.UploadRequest], gap_s: float):
+async def next_message(stream: AsyncIterator[apb.UploadRequest], gap_s: float):
     """The stream's next message, or None at its end; a client silent for ``gap_s`` is refused,
     as an HTTP body that stalls is (--body-timeout-s): it would hold a staging directory forever."""
     try:
@@ -106,7 +106,7 @@ async def _next(stream: AsyncIterator[apb.UploadRequest], gap_s: float):
 
 async def upload_metadata(stream: AsyncIterator[apb.UploadRequest], gap_s: float) -> apb.UploadMetadata:
     """The first message of an Upload/Replace stream, which must be its metadata."""
-    first = await _next(stream, gap_s)
+    first = await next_message(stream, gap_s)
     if first is None or first.WhichOneof("part") != "metadata":
         raise InvalidArgument("the first message of an upload must be its metadata", field="metadata")
     return first.metadata
@@ -115,7 +115,7 @@ async def upload_metadata(stream: AsyncIterator[apb.UploadRequest], gap_s: float
 async def upload_body(stream: AsyncIterator[apb.UploadRequest], staged: StagedUpload, gap_s: float) -> None:
     """The rest of the stream, written into ``staged`` as it arrives (file work in a worker thread)."""
     received = False
-    while (msg := await _next(stream, gap_s)) is not None:
+    while (msg := await next_message(stream, gap_s)) is not None:
         part = msg.WhichOneof("part")
         if part == "file":
             await asyncio.to_thread(staged.write_file, msg.file.filename, msg.file.data)

@@ -155,6 +155,13 @@ class _Run:
         c.stop_reason = d.stop_reason if d.finish_reason else c.stop_reason
 
     async def sse(self, first: Completion | None, rest: AsyncIterator[Completion]) -> AsyncIterator[str]:
+        # A client that left closes this stream: ``rest`` (the engine's stream) is closed with it,
+        # so its requests are aborted before the front releases the admission.
+        async with contextlib.aclosing(rest), contextlib.aclosing(self._sse(first, rest)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _sse(self, first: Completion | None, rest: AsyncIterator[Completion]) -> AsyncIterator[str]:
         try:
             if first is not None:
                 self._absorb(first)
