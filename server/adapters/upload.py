@@ -118,9 +118,10 @@ def validate(dest: Path, base: BaseSpec, *, max_rank: int) -> AdapterInfo:
         except IncompatibleAdapter as e:
             raise AdapterRejected(f"{MANIFEST}: {e.violations[0].message}; this server serves {base.name}, "
                                   "the adapter was made for another base", field="base_fingerprint") from None
-    shapes, norms = _tensor_shapes(dest / WEIGHTS)
-    ranks, targets = _check_tensors(shapes, config, base)
-    _check_gain(norms, config)
+    # Shapes from the header first: a file of the wrong shapes is refused before one value is read.
+    header = _checked_header(dest / WEIGHTS)
+    ranks, targets = _check_tensors({k: tuple(e["shape"]) for k, e in header.items()}, config, base)
+    _check_gain(_tensor_norms(dest / WEIGHTS, header), config)
     return AdapterInfo(
         rank=max(ranks), target_modules=sorted(targets),
         size_bytes=sum(f.stat().st_size for f in dest.iterdir() if f.is_file()),
@@ -207,36 +208,48 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-def _tensor_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
-    """Every tensor's shape and Frobenius norm, after checking the header, the dtypes and that every
-    value is finite in float32, the precision vLLM computes LoRA in at most (a NaN or inf in one
-    tenant's weights turns its outputs into NaN, and on vLLM's CPU attention a NaN left in a freed
-    KV-cache block reaches the next requests to use it)."""
+def _checked_header(path: Path) -> dict[str, dict]:
+    """The tensors' header entries (no metadata), each of a float dtype and a shape of sizes."""
+    header = read_safetensors_header(path)
+    tensors = {k: e for k, e in header.items() if k != "__metadata__"}
+    for key, entry in tensors.items():
+        if entry.get("dtype") not in FLOAT_DTYPES:
+            raise AdapterRejected(f"tensor {key!r} is {entry.get('dtype')}; LoRA weights must be one of "
+                                  f"{', '.join(sorted(FLOAT_DTYPES))}", field=WEIGHTS)
+        shape = entry.get("shape")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise _corrupted(f"tensor {key!r} has no valid shape")
+    return tensors
+
+
+def _tensor_norms(path: Path, header: Mapping[str, dict]) -> dict[str, float]:
+    """Every tensor's Frobenius norm, after checking that every value is finite in float32, the
+    precision vLLM computes LoRA in at most (a NaN or inf in one tenant's weights turns its
+    outputs into NaN, and on vLLM's CPU attention a NaN left in a freed KV-cache block reaches the
+    next requests to use it). One tensor in memory at a time; shapes were checked from the header."""
     import torch
     from safetensors import safe_open
 
-    header = read_safetensors_header(path)
-    for key, entry in header.items():
-        if key != "__metadata__" and entry.get("dtype") not in FLOAT_DTYPES:
-            raise AdapterRejected(f"tensor {key!r} is {entry.get('dtype')}; LoRA weights must be one of "
-                                  f"{', '.join(sorted(FLOAT_DTYPES))}", field=WEIGHTS)
-    shapes, norms = {}, {}
+    norms = {}
     try:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
                 tensor = f.get_tensor(key).to(torch.float32)  # what a float64 adapter becomes in vLLM
+                if list(tensor.shape) != header[key]["shape"]:
+                    raise _corrupted(f"tensor {key!r} is not the shape its header gives")
                 if not bool(torch.isfinite(tensor).all()):
                     raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values (in float32)",
                                           field=WEIGHTS)
                 norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
                 if not math.isfinite(norm):
                     raise AdapterRejected(f"tensor {key!r} has values too large to compute with", field=WEIGHTS)
-                shapes[key], norms[key] = tuple(tensor.shape), norm
+                norms[key] = norm
+                del tensor
     except AdapterRejected:
         raise
     except Exception as e:  # the library's own parse errors have no common public type
         raise _corrupted(str(e)) from None
-    return shapes, norms
+    return norms
 
 
 _KEY = re.compile(r"(?:base_model\.model\.)?(model\.layers\.([0-9]+)\.([a-z_]+)\.([a-z_0-9]+))\.lora_([AB])\.weight")

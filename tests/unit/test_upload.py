@@ -203,6 +203,14 @@ def _other_base_shapes():
     return adapter_files(tensors=lora_tensors(8, ("q_proj", "v_proj"), linears=big))
 
 
+def _other_base_shapes_with_nan():
+    """The shapes (from the header) are refused before any value is read: the NaN is never seen."""
+    big = {"q_proj": (256, 256), "v_proj": (256, 128)}
+    tensors = lora_tensors(8, ("q_proj", "v_proj"), linears=big)
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    return adapter_files(tensors=tensors)
+
+
 def _other_base_layers():
     return adapter_files(tensors=lora_tensors(8, ("q_proj", "v_proj"), layers=4))
 
@@ -264,6 +272,8 @@ REJECTED = {
                         "modules_to_save", "lm_head"),
     "shapes of another base": (dict(files=_other_base_shapes), "adapter_model.safetensors", "another base"),
     "layers of another base": (dict(files=_other_base_layers), "adapter_model.safetensors", "another base"),
+    "shapes of another base, with a NaN": (dict(files=_other_base_shapes_with_nan), "adapter_model.safetensors",
+                                           "another base"),
     "fingerprint of another base": (dict(files=lambda: adapter_files(fingerprint="cd" * 32)),
                                     "base_fingerprint", "another base"),
     "no tensors": (dict(files=lambda: adapter_files(tensors={})), "adapter_model.safetensors", "no tensors"),
