@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -123,7 +124,12 @@ def main() -> None:
     equal = sum(a == b for a, b in zip(got, ref))
     equal_base = sum(a == b for a, b in zip(got_base, ref_base))
     worst = max((max(g) for g in gaps), default=None)
-    result = {"base": str(args.base), "adapter": str(args.adapter), "dtype": args.dtype, "tokens": args.tokens,
+    import importlib
+
+    hardware = {"gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
+    versions = {name: importlib.import_module(name).__version__ for name in ("torch", "transformers", "peft", "vllm")}
+    result = {"hardware": hardware, "versions": versions, "command": " ".join(sys.argv),
+              "base": str(args.base), "adapter": str(args.adapter), "dtype": args.dtype, "tokens": args.tokens,
               "prompts": len(ids), "equal": equal, "equal_base_only": equal_base,
               "adapter_max_logit_change": round(effect, 4), "peft_token_gap_nats": gaps,
               "peft_token_gap_nats_max": worst, "peft": ref, "vllm": got, "peft_base_only": ref_base,
