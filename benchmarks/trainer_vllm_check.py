@@ -14,6 +14,10 @@ Two controls say what a miss means:
 
     python benchmarks/trainer_vllm_check.py --base /root/tb/llama8b --adapter /root/tb/runs/loraplex-qlora \\
         --out $OUT/vllm_check.json
+
+With ``--eval-data`` the prompts are the first ``--prompts`` prompts of a trainer eval file, as
+``trainer eval`` renders them (a trained base such as the bundled SmolLM2 has no near-ties there);
+without it they are random token ids.
 """
 
 from __future__ import annotations
@@ -104,6 +108,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--eval-data", type=Path, help="prompts from this trainer eval file (JSONL) instead of random ids")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
 
@@ -111,7 +116,14 @@ def main() -> None:
 
     config = json.loads((args.base / "config.json").read_text())
     rank = json.loads((args.adapter / "adapter_config.json").read_text())["r"]
-    ids = prompts(config["vocab_size"], args.prompts, args.prompt_len)
+    if args.eval_data:
+        from transformers import AutoTokenizer
+
+        from trainer.evaluate import prompts_and_answers
+
+        ids = prompts_and_answers(args.eval_data, AutoTokenizer.from_pretrained(args.base), args.prompts)[0]
+    else:
+        ids = prompts(config["vocab_size"], args.prompts, args.prompt_len)
     t0 = time.perf_counter()
     ref, ref_base, effect = peft_greedy(args.base, args.adapter, ids, args.tokens, getattr(torch, args.dtype),
                                         args.device)
@@ -129,7 +141,8 @@ def main() -> None:
     hardware = {"gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None}
     versions = {name: importlib.import_module(name).__version__ for name in ("torch", "transformers", "peft", "vllm")}
     result = {"hardware": hardware, "versions": versions, "command": " ".join(sys.argv),
-              "base": str(args.base), "adapter": str(args.adapter), "dtype": args.dtype, "tokens": args.tokens,
+              "base": str(args.base), "adapter": str(args.adapter), "eval_data": args.eval_data and str(args.eval_data),
+              "dtype": args.dtype, "tokens": args.tokens,
               "prompts": len(ids), "equal": equal, "equal_base_only": equal_base,
               "adapter_max_logit_change": round(effect, 4), "peft_token_gap_nats": gaps,
               "peft_token_gap_nats_max": worst, "peft": ref, "vllm": got, "peft_base_only": ref_base,
