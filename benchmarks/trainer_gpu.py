@@ -231,7 +231,7 @@ def versions() -> dict:
     return got
 
 
-def report(rows_file: Path, out: Path, command: str) -> None:
+def report(rows_file: Path, out: Path, command: str, shape: str = "llama-3.1-8b") -> None:
     rows = [json.loads(line) for line in rows_file.read_text().splitlines() if line.strip()]
     try:
         gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
@@ -242,7 +242,7 @@ def report(rows_file: Path, out: Path, command: str) -> None:
     failed = [r for r in rows if "error" in r]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"hardware": {"gpu": gpu, "cpus": os.cpu_count()}, "versions": versions(),
-                               "command": command, "workload": {"shape": "llama-3.1-8b", "r": R, "batch": BATCH,
+                               "command": command, "workload": {"shape": shape, "r": R, "batch": BATCH,
                                                                 "seq": SEQ, "steps": STEPS, "packing": True},
                                "runs": runs, "failed": failed}, indent=1))
     print(table(runs))
@@ -276,6 +276,7 @@ def main() -> None:
     c.add_argument("--rows", type=Path, required=True)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--command", default="bash benchmarks/trainer_gpu.sh")
+    c.add_argument("--shape", default="llama-3.1-8b", help="the base the rows were measured on (prepare's --shape)")
     w = sub.add_parser("_worker")
     w.add_argument("spec")
     args = p.parse_args()
@@ -299,7 +300,7 @@ def main() -> None:
         with args.rows.open("a") as f:
             f.write(json.dumps(row) + "\n")
     elif args.cmd == "report":
-        report(args.rows, args.out, args.command)
+        report(args.rows, args.out, args.command, args.shape)
     else:
         s = json.loads(args.spec)
         row = run_one(Path(s["work"]), s["system"], s["mode"], s["kernels"], s["label"])

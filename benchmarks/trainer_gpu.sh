@@ -70,8 +70,15 @@ case ${1:-} in
     exit 2
     ;;
 esac
-if [ -s "$W/rows.jsonl" ]; then
-  cp "$W/rows.jsonl" "$OUT/rows.jsonl"
-  bench report --rows "$W/rows.jsonl" --out "$OUT/trainer.json" --command "bash benchmarks/trainer_gpu.sh $*"
-fi
+case ${1:-} in
+  vllm | smol) ;;  # they add no rows: trainer.json stays the report of the step that did
+  *)
+    if [ -s "$W/rows.jsonl" ]; then
+      cp "$W/rows.jsonl" "$OUT/rows.jsonl"
+      shape=${BENCH_SHAPE:-llama-3.1-8b}
+      bench report --rows "$W/rows.jsonl" --out "$OUT/trainer.json" --shape "$shape" \
+        --command "$([ "$shape" = llama-3.1-8b ] || echo "BENCH_SHAPE=$shape ")bash benchmarks/trainer_gpu.sh $*"
+    fi
+    ;;
+esac
 nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null || true
