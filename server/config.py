@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(8 << 20, ge=1 << 10)
     """Largest JSON request body (completions, chat, management calls); larger is a 413. Read
     whole, after the key is checked, before the route runs."""
+    max_request_values: int = Field(1 << 18, ge=1 << 15)
+    """Most JSON values in one request body (each number, string, array, object and key is one);
+    more is a 400 naming ``body``. Each is work done holding Python's GIL, some of it in one C call
+    that no other thread interrupts (pydantic validating a list of ints, freeing it): a million token
+    ids fit in 8 MiB and stall every tenant for up to 100 ms. The default holds a 128k-token context
+    of ids, or 64 prompts of 4,096 ids; a 64 KiB body cannot hold more than the least allowed."""
     max_prompt_chars: int | None = Field(None, ge=1)
     """Longest prompt (or sum of chat message contents) in characters, refused before it is tokenized;
     default 64 x --max-model-len."""

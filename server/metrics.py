@@ -16,8 +16,10 @@ thousands of adapters exports at most N+2 adapter series per family.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+import time
 
 import psutil
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -28,6 +30,7 @@ from server.adapters.residency import Events
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_LAG = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 _LABELS = ("protocol", "tenant", "adapter")
 
 _lock = threading.Lock()
@@ -230,6 +233,21 @@ class Exposition:
 
 
 EXPOSITION = Exposition()
+
+
+LOOP_LAG_INTERVAL_S = 0.02
+
+
+async def watch_loop(interval: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Sample the event loop's lag forever: how late a timer of ``interval`` fires is how long a
+    request waits for the loop behind other work (``loraplex_event_loop_lag_seconds``)."""
+    lag = _family(Histogram, "loraplex_event_loop_lag_seconds",
+                  f"How late the HTTP event loop ran a timer set {interval * 1000:.0f} ms ahead: the time "
+                  "every request waited behind other work on the loop.", buckets=_LAG)
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(interval)
+        lag.observe(max(0.0, time.perf_counter() - start - interval))
 
 
 def register_state(service) -> None:

@@ -10,13 +10,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 
 from server.adapters.registry import AdapterRecord
+from server.api.http.body import OffLoopRoute
 from server.api.http import deps, multipart
 from server.api.http.protocol import LoadLoraRequest, UnloadLoraRequest
 from server.errors import InvalidArgument
 from server.service import Service
 from server.tenants.store import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)
 
 # The upload routes read the raw request (streamed into staging), so FastAPI cannot derive their
 # body from a signature; this is it, for /openapi.json and the clients and fuzzers that read it.

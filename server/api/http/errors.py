@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -55,8 +58,20 @@ def error_response(exc: e.LoraplexError) -> JSONResponse:
     return JSONResponse(body(exc.message, exc.type, exc.field, exc.code), status_code=status_of(exc), headers=headers)
 
 
+_UNION_TAG = re.compile(r"(str|int|float|bool|none|(list|dict|tuple|literal|function-\w+|json-or-python)\[.*\])")
+"""What pydantic puts in an error's location for the member of a union it tried: not a field."""
+
+
+@functools.cache
+def _model_names() -> frozenset[str]:
+    from server.api.http import protocol
+
+    return frozenset(k for k, v in vars(protocol).items() if isinstance(v, type) and issubclass(v, BaseModel))
+
+
 def _loc(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")
+             and not (isinstance(p, str) and (_UNION_TAG.fullmatch(p) or p in _model_names()))]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)

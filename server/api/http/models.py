@@ -5,13 +5,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Header
 from fastapi.responses import JSONResponse
 
+from server.api.http.body import OffLoopRoute
 from server.api.http import deps
 from server.api.http.metrics import exposition
 from server.errors import PermissionDenied
 from server.service import Service
 from server.tenants.store import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)
 
 
 @router.get("/v1/models")

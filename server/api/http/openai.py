@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from server.api.http.body import OffLoopRoute
 from server.api.http import deps
 from server.api.http.errors import body, error_response, status_of
 from server.api.http.protocol import ChatCompletionRequest, CompletionRequest
@@ -32,7 +33,7 @@ from server.service import Service
 from server.tenants.store import Principal
 
 logger = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)
 
 
 def _sse(obj: dict | str) -> str:

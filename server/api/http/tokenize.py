@@ -10,12 +10,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Depends
 
+from server.api.http.body import OffLoopRoute
 from server.api.http import deps
 from server.api.http.protocol import DetokenizeRequest, TokenizeRequest
 from server.service import Service
 from server.tenants.store import Principal
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopRoute)
 
 
 @router.post("/tokenize")
