@@ -3,6 +3,8 @@ status codes in one place each; nothing decides a status by matching text."""
 
 from __future__ import annotations
 
+import reprlib
+
 
 class LoraplexError(Exception):
     """Base of every error a client can cause. ``field`` names the request field at fault;
@@ -22,6 +24,18 @@ class LoraplexError(Exception):
 
 class InvalidArgument(LoraplexError):
     code = "invalid_argument"
+
+
+_shown = reprlib.Repr()
+_shown.maxlevel, _shown.maxstring, _shown.maxother = 2, 80, 80
+_shown.maxlist = _shown.maxtuple = _shown.maxdict = _shown.maxset = 8
+
+
+def require(field: str, ok: bool, rule: str, value) -> None:
+    """Raise InvalidArgument naming ``field`` unless ``ok``. The message quotes ``value`` cut to a
+    few items and characters, however large the client made it."""
+    if not ok:
+        raise InvalidArgument(f"must be {rule}, got {_shown.repr(value)}", field=field)
 
 
 class UnsupportedParameter(InvalidArgument):

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, require
 
 MAX_LOGPROBS = 20
 """vLLM's default ``max_logprobs``, and OpenAI's ``top_logprobs`` limit."""
@@ -42,11 +42,6 @@ class Structured:
         if size > MAX_SCHEMA_BYTES:
             raise InvalidArgument(f"the {self.kind} constraint is {size} bytes; at most {MAX_SCHEMA_BYTES} are "
                                   "accepted", field="response_format")
-
-
-def _check(field_: str, ok: bool, rule: str, value) -> None:
-    if not ok:
-        raise InvalidArgument(f"must be {rule}, got {value!r}", field=field_)
 
 
 def _real(v) -> bool:
@@ -82,7 +77,7 @@ class Sampling:
     structured: Structured | None = None
 
     def __post_init__(self) -> None:
-        _check("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        require("max_tokens", self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
                "at least 1", self.max_tokens)
         for name, lo, hi, open_lo in (("temperature", 0.0, 2.0, False), ("top_p", 0.0, 1.0, True),
                                       ("min_p", 0.0, 1.0, False), ("presence_penalty", -2.0, 2.0, False),
@@ -90,27 +85,27 @@ class Sampling:
                                       ("repetition_penalty", 0.0, 2.0, True)):
             v = getattr(self, name)
             if v is not None:
-                _check(name, _real(v) and (lo < v if open_lo else lo <= v) and v <= hi,
+                require(name, _real(v) and (lo < v if open_lo else lo <= v) and v <= hi,
                        f"between {lo:g} and {hi:g}" + (f" (above {lo:g})" if open_lo else ""), v)
-        _check("top_k", self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= -1),
+        require("top_k", self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= -1),
                "-1, 0 (both: off) or a positive integer", self.top_k)
-        _check("n", isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"between 1 and {MAX_N}", self.n)
-        _check("stop", len(self.stop) <= MAX_STOP and all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
+        require("n", isinstance(self.n, int) and 1 <= self.n <= MAX_N, f"between 1 and {MAX_N}", self.n)
+        require("stop", len(self.stop) <= MAX_STOP and all(0 < len(s) <= MAX_STOP_CHARS for s in self.stop),
                f"at most {MAX_STOP} non-empty stop strings of at most {MAX_STOP_CHARS} characters", self.stop)
-        _check("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+        require("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
                f"between 0 and {MAX_LOGPROBS} (vLLM's max_logprobs)", self.logprobs)
-        _check("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS and all(
+        require("logit_bias", len(self.logit_bias) <= MAX_LOGIT_BIAS and all(
             _real(b) and -100 <= b <= 100 for _, b in self.logit_bias),
             f"at most {MAX_LOGIT_BIAS} token ids, each with a bias between -100 and 100", dict(self.logit_bias))
-        _check("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0
+        require("min_tokens", isinstance(self.min_tokens, int) and self.min_tokens >= 0
                and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
                "between 0 and max_tokens", self.min_tokens)
-        _check("allowed_token_ids", self.allowed_token_ids is None or 0 < len(self.allowed_token_ids),
+        require("allowed_token_ids", self.allowed_token_ids is None or 0 < len(self.allowed_token_ids),
                "a non-empty list of token ids", self.allowed_token_ids)
-        _check("bad_words", len(self.bad_words) <= MAX_STOP
+        require("bad_words", len(self.bad_words) <= MAX_STOP
                and all(0 < len(w) <= MAX_STOP_CHARS for w in self.bad_words),
                f"at most {MAX_STOP} non-empty words", self.bad_words)
-        _check("seed", self.seed is None or -(2**63) <= self.seed < 2**63, "a 64-bit integer", self.seed)
+        require("seed", self.seed is None or -(2**63) <= self.seed < 2**63, "a 64-bit integer", self.seed)
 
     def token_ids(self) -> dict[str, tuple[int, ...]]:
         """Every token id the request names, by field, for the service's vocabulary check."""

@@ -56,13 +56,16 @@ def test_unset_fields_take_the_http_defaults():
 def test_chat_messages_need_a_role():
     ok = ipb.ChatRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_SYSTEM, content="be brief"),
                                    ipb.ChatMessage(role=ipb.ROLE_USER, content="hi")])
-    assert protocol.messages(ok) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert protocol.messages(ok, 2) == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     with pytest.raises(InvalidArgument) as info:
-        protocol.messages(ipb.ChatRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_USER), ipb.ChatMessage()]))
+        protocol.messages(ipb.ChatRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_USER), ipb.ChatMessage()]), 2)
     assert info.value.field == "messages[1].role" and "ROLE_UNSPECIFIED" in info.value.message
     with pytest.raises(InvalidArgument) as info:
-        protocol.messages(ipb.ChatRequest())
+        protocol.messages(ipb.ChatRequest(), 2)
     assert info.value.field == "messages"
+    with pytest.raises(InvalidArgument) as info:
+        protocol.messages(ok, 1)
+    assert info.value.field == "messages" and "at most 1 messages (--max-request-values)" in info.value.message
 
 
 async def _stream(*msgs):

@@ -10,6 +10,7 @@ grpc.aio cancels the handler's task, and closing the generator runs its
 
 from __future__ import annotations
 
+import asyncio
 from contextlib import aclosing
 
 import grpc
@@ -20,6 +21,10 @@ from server.api.grpc.pb import inference_pb2_grpc
 from server.inference.generation import Generation, Usage
 from server.service import Service
 from server.tenants.store import Principal
+
+
+INLINE_MESSAGES = 256
+"""A conversation this long or shorter is read on the loop (well under a millisecond)."""
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -38,7 +43,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def Chat(self, request: ipb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         principal = await self.service.authenticate(protocol.authorization(context),
                                                     charge=protocol.charge(context, self.service))
-        ids = await self.service.prompts.render_chat(protocol.messages(request))
+        most = self.service.settings.max_request_values
+        if len(request.messages) > INLINE_MESSAGES:
+            messages = await asyncio.to_thread(protocol.messages, request, most)
+        else:
+            messages = protocol.messages(request, most)
+        ids = await self.service.prompts.render_chat(messages)
         gen = self.service.inference.prepare(principal, request.model, [ids], protocol.sampling(request),
                                              prompt_field="messages")
         await self._stream(principal, gen, "chat", context)

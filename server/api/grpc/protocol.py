@@ -18,8 +18,8 @@ from server.adapters.registry import AdapterRecord
 from server.adapters.staging import StagedUpload
 from server.api.grpc.pb import adapters_pb2 as apb
 from server.api.grpc.pb import inference_pb2 as ipb
-from server.engine.types import Completion, Sampling
-from server.errors import InvalidArgument, RequestTimeout
+from server.engine.types import MAX_STOP, Completion, Sampling
+from server.errors import InvalidArgument, RequestTimeout, require
 from server.inference import generation
 from server.inference.generation import Usage
 from server.service import ModelCard, Service
@@ -57,11 +57,6 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
 # ---------------------------------------------------------------- requests
 
 
-def _check(field: str, ok: bool, rule: str, value) -> None:
-    if not ok:
-        raise InvalidArgument(f"must be {rule}, got {value!r}", field=field)
-
-
 COMPLETION_MAX_TOKENS = 16
 """Generate's max_tokens when unset: OpenAI's default for completions, as over HTTP. Chat's: the context left."""
 
@@ -73,6 +68,7 @@ def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
         return getattr(req, name) if req.HasField(name) else default
 
     default_max = COMPLETION_MAX_TOKENS if isinstance(req, ipb.GenerateRequest) else None
+    require("stop", len(req.stop) <= MAX_STOP, f"at most {MAX_STOP} stop strings", f"{len(req.stop):,} of them")
     return Sampling(max_tokens=opt("max_tokens", default_max),
                     temperature=opt("temperature"), top_p=opt("top_p"), n=opt("n", 1), stop=tuple(req.stop),
                     seed=opt("seed"), logprobs=opt("logprobs"), ignore_eos=req.ignore_eos)
@@ -81,16 +77,24 @@ def sampling(req: ipb.GenerateRequest | ipb.ChatRequest) -> Sampling:
 async def prompt_ids(service: Service, req: ipb.GenerateRequest) -> list[int]:
     if req.prompt and req.prompt_token_ids:
         raise InvalidArgument("send prompt or prompt_token_ids, not both", field="prompt")
-    if req.prompt_token_ids:
+    if req.prompt_token_ids:  # counted before a Python int is made of each (4 MiB hold 4 million)
+        n, limit = len(req.prompt_token_ids), service.settings.max_model_len
+        if n > limit:
+            raise InvalidArgument(f"the prompt is {n:,} tokens; this model's context is {limit} tokens",
+                                  field="prompt_token_ids")
         return list(req.prompt_token_ids)
     return await service.prompts.encode(req.prompt, add_special_tokens=True)  # as HTTP completions (vLLM's default)
 
 
-def messages(req: ipb.ChatRequest) -> list[dict]:
+def messages(req: ipb.ChatRequest, most: int) -> list[dict]:
+    """The conversation as chat-template messages; at most ``most`` of them (--max-request-values,
+    as over HTTP), each a few Python objects: a worker thread's work past a few thousand."""
     if not req.messages:
         raise InvalidArgument("a chat needs at least one message", field="messages")
+    require("messages", len(req.messages) <= most, f"at most {most:,} messages (--max-request-values)",
+            f"{len(req.messages):,} of them")
     for i, m in enumerate(req.messages):
-        _check(f"messages[{i}].role", m.role in ROLES, "one of " + ", ".join(ipb.Role.Name(r) for r in ROLES),
+        require(f"messages[{i}].role", m.role in ROLES, "one of " + ", ".join(ipb.Role.Name(r) for r in ROLES),
                ipb.Role.Name(m.role) if m.role in ipb.Role.values() else m.role)
     return [{"role": ROLES[m.role], "content": m.content} for m in req.messages]
 
