@@ -48,6 +48,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.adapters.registry import AdapterRecord
 from server.adapters.uploads import UploadSlots
+from server.api.http.body import INLINE_BYTES, top_level_string
 from server.api.http.errors import body as error_body, error_response, status_of
 from server.config import Settings
 from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, Unauthenticated
@@ -355,15 +356,18 @@ class LoraplexIngress:
                 await asyncio.to_thread(self.registry.poll)
                 await self._reload()
 
-    def model_id(self, scope: dict, body: bytes) -> str:
+    async def model_id(self, scope: dict, body: bytes) -> str:
         """The adapter version a request is for (Ray's multiplexed model id), or "" for the base,
-        a management call, or a body the replica will refuse."""
+        a management call, or a body the replica will refuse (its 400 says why).
+
+        Only ``model`` is read, a piece at a time, and a large body in a worker thread: the replica
+        parses the whole body off its own loop, and this loop serves every tenant's requests."""
         if scope["method"] != "POST" or scope["path"] not in _INFERENCE:
             return ""
-        try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError, RecursionError):  # the replica's 400 says which
-            return ""
+        if len(body) > INLINE_BYTES:
+            model = await asyncio.to_thread(top_level_string, body, "model")
+        else:
+            model = top_level_string(body, "model")
         principal = scope.get("state", {}).get("principal")
         if not isinstance(model, str) or model == self.served or principal is None:
             return ""
@@ -413,7 +417,7 @@ class LoraplexIngress:
                    "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
                    "body": body, "client": list(scope["client"]) if scope.get("client") else None}
         request["generation"] = self._generation
-        model_id = self.model_id(scope, body)
+        model_id = await self.model_id(scope, body)
         stream, start = None, None
         for attempt in range(ATTEMPTS):
             stream = self.engine.options(stream=True, multiplexed_model_id=model_id).http.remote(request)

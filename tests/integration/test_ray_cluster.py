@@ -104,9 +104,9 @@ def test_tenants_are_isolated_across_replicas(ray_cluster, adapter_dirs):
 
 
 def test_a_clients_mistake_is_a_4xx_through_the_ingress(ray_cluster):
-    """Over the body cap while it arrives (no Content-Length), and JSON nested past the parser's
-    stack: 413 and 400 from the ingress, as from the single server (both were 500s), and the
-    ingress serves on."""
+    """Over the body cap while it arrives (no Content-Length), JSON nested past the parser's stack,
+    and 8 MiB bodies that are one bad list or a million small ones: 413 and 400s naming the field
+    from the ingress, as from the single server (the first two were 500s), and the ingress serves on."""
     def nine_mib():
         for _ in range(9):
             yield b" " * (1 << 20)
@@ -116,6 +116,11 @@ def test_a_clients_mistake_is_a_4xx_through_the_ingress(ray_cluster):
         assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
         r = h.post("/v1/completions", content=b"[" * 200_000, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, r.text
+        # Bodies that held the loop for seconds (issue 21), "model" last so the ingress reads them through.
+        for prompt, param in (([1.5] * 1_000_000, "prompt"), ([[1]] * 1_000_000, "body")):
+            r = h.post("/v1/completions", content=json.dumps({"prompt": prompt, "model": "tiny"}).encode(),
+                       headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert complete(ray_cluster, "tiny").status_code == 200
 
 
@@ -125,6 +130,12 @@ def test_an_adapter_keeps_to_its_replica_and_spills_over_when_it_is_saturated(ra
     home = first.headers[REPLICA]
     served = [complete(ray_cluster, "tiny:affine").headers[REPLICA] for _ in range(10)]
     assert served == [home] * 10
+    # A body over 64 KiB with "model" last: the ingress reads it off its loop, and routes the same.
+    padded = ('{"prompt": "the date is", "max_tokens": 2,' + " " * (100 << 10) + '"model": "tiny:affine"}').encode()
+    with http(ray_cluster) as h:
+        for _ in range(10):
+            r = h.post("/v1/completions", content=padded, headers={"Content-Type": "application/json"})
+            assert r.status_code == 200 and r.headers[REPLICA] == home, r.text
     # Base requests go anywhere: both replicas answer some.
     assert len({complete(ray_cluster, "tiny").headers[REPLICA] for _ in range(16)}) == 2
     # 16 at once, each long, on a replica that takes 4 at a time: Ray sends some to the other.
