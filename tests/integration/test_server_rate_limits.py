@@ -105,12 +105,12 @@ def test_tokens_in_flight_are_limited_per_tenant(cluster):
 
 
 def test_each_prompt_of_a_request_counts_as_a_request_in_flight(cluster):
-    """A list of prompts fans out into one engine request each: 262,144 one-token prompts (about
-    1 MiB, under the body cap) are refused before any is tokenized, and the prompts of a request
+    """A list of prompts fans out into one engine request each: 100,000 one-token prompts (half a
+    MiB, under the body cap and --max-request-values) are refused before any is tokenized, and the prompts of a request
     that is taken count one by one against the tenant's concurrency."""
     key = create_tenant(cluster.server.data_dir, "gina", "--max-concurrency", "4")
     with httpx.Client(base_url=cluster.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as h:
-        for prompt in ([[1]] * 262144, ["x"] * 262144, ["x"] * 5):
+        for prompt in ([[1]] * 100_000, ["x"] * 100_000, ["x"] * 5):
             r = h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 1})
             e = r.json()["error"]
             assert r.status_code == 400 and e["param"] == "prompt", e
