@@ -48,4 +48,4 @@ async def metrics(authorization: str | None = Header(None), service: Service = D
     if not service.auth.authenticate(authorization).is_admin:
         raise PermissionDenied("/metrics names every tenant and adapter, so it needs an admin key; an operator can "
                                "also serve it without one on --metrics-port")
-    return exposition()
+    return await exposition()
