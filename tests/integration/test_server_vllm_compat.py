@@ -22,7 +22,8 @@ def test_admin_loads_from_a_configured_root_and_unloads(cluster):
         misses = _metric(admin, "loraplex_adapter_cache_misses_total")
         models = {m["id"] for m in admin.get("/v1/models").json()["data"]}
         assert "tiny:from-disk" in models
-        out = admin.post("/v1/completions", json={"model": "tiny:from-disk", "prompt": "hello", "max_tokens": 3})
+        out = admin.post("/v1/completions", json={"model": "tiny:from-disk", "prompt": "hello", "max_tokens": 3,
+                                                       "ignore_eos": True})
         assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 3
         assert _metric(admin, "loraplex_adapter_cache_misses_total") == misses
         # Into another tenant's namespace: the admin picks it.

@@ -13,7 +13,8 @@ def test_push_then_serve_then_replace(cluster):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "pushed pushed v1" in r.output and "model='tiny:pushed'" in r.output
-    out = cluster.client("alice").completions.create(model="tiny:pushed", prompt="hello", max_tokens=3)
+    out = cluster.client("alice").completions.create(model="tiny:pushed", prompt="hello", max_tokens=3,
+                                                      extra_body={"ignore_eos": True})
     assert out.model == "tiny:pushed" and out.usage.completion_tokens == 3
 
     again = CliRunner().invoke(app, args)
