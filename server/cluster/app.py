@@ -48,7 +48,7 @@ from ray.serve.handle import DeploymentHandle
 
 from server.adapters.registry import AdapterRecord
 from server.adapters.uploads import UploadSlots
-from server.api.http.body import INLINE_BYTES, top_level_string
+from server.api.http.body import INLINE_BYTES, off_loop, top_level_string
 from server.api.http.errors import body as error_body, error_response, status_of
 from server.config import Settings
 from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, Unauthenticated
@@ -365,7 +365,7 @@ class LoraplexIngress:
         if scope["method"] != "POST" or scope["path"] not in _INFERENCE:
             return ""
         if len(body) > INLINE_BYTES:
-            model = await asyncio.to_thread(top_level_string, body, "model")
+            model = await off_loop(top_level_string, body, "model")
         else:
             model = top_level_string(body, "model")
         principal = scope.get("state", {}).get("principal")

@@ -5,7 +5,7 @@ For a body near ``--max-request-bytes`` (8 MiB) that is 0.1-1.5 s during which n
 request moves: a million token ids, or 200,000 one-word chat messages. A worker thread alone does
 not help: ``json.loads`` is one C call that holds the GIL from the first byte to the last.
 
-:class:`OffLoopRoute` gives a body over :data:`INLINE_BYTES` to a worker thread. The thread
+:class:`OffLoopRoute` gives a body over :data:`INLINE_BYTES` to a body-reading thread (its own pool). The thread
 counts the body's JSON values (numbers, strings, arrays, objects, keys) against
 ``--max-request-values`` and its depth against :data:`MAX_DEPTH`: parsing, validating and freeing
 each value is work done holding the GIL, some of it in single C calls (pydantic validating a list
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import operator
 from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ijson
@@ -48,26 +50,37 @@ MAX_DEPTH = 256
 """How deep a request body's arrays and objects may nest. No request needs more; and a parser's
 cost grows with the square of depth (each level's path is a longer string)."""
 
+READERS = 2
+"""Threads that read large bodies. Their own pool, not the loop's default executor: a flood of large
+bodies then queues behind itself, never ahead of other tenants' prompt rendering and registry
+writes; and the GIL lets no more than about one of them run at a time anyway."""
+
 _ENDS = ("end_map", "end_array")
 _DEPTH = {"start_map": 1, "start_array": 1, "end_map": -1, "end_array": -1}
 _kind = operator.itemgetter(0)
+
+
+def _pieces(parser, raw: bytes) -> Iterator[None]:
+    """Send ``raw`` to ijson's push ``parser`` a piece of :data:`PIECE_BYTES` at a time, yielding after
+    each piece and once more after the end. Raises ValueError where ``raw`` stops being JSON."""
+    view = memoryview(raw)
+    try:
+        for start in range(0, len(view), PIECE_BYTES):
+            parser.send(bytes(view[start:start + PIECE_BYTES]))
+            yield
+        parser.close()
+    except (ijson.JSONError, UnicodeDecodeError) as e:
+        raise ValueError(f"not JSON: {e}") from None
+    yield
 
 
 def _events(raw: bytes) -> Iterator[list[tuple[str, Any]]]:
     """``raw``'s JSON events (ijson's basic ones), one list per piece of :data:`PIECE_BYTES`; each list
     is reused for the next piece. Raises ValueError where ``raw`` stops being JSON."""
     events = sendable_list()
-    parser = ijson.basic_parse_coro(events, use_float=True)
-    view = memoryview(raw)
-    try:
-        for start in range(0, len(view), PIECE_BYTES):
-            parser.send(bytes(view[start:start + PIECE_BYTES]))
-            yield events
-            del events[:]
-        parser.close()
-    except (ijson.JSONError, UnicodeDecodeError) as e:
-        raise ValueError(f"not JSON: {e}") from None
-    yield events
+    for _ in _pieces(ijson.basic_parse_coro(events, use_float=True), raw):
+        yield events
+        del events[:]
 
 
 def _levels(kinds: list[str], depth: int) -> list[int]:
@@ -95,14 +108,8 @@ def parse(raw: bytes) -> Any:
     """``json.loads(raw)``, a piece at a time, for a body :func:`check_shape` has passed.
     Raises ValueError on a body that is not JSON."""
     out = sendable_list()
-    parser = ijson.items_coro(out, "", use_float=True)
-    view = memoryview(raw)
-    try:
-        for start in range(0, len(view), PIECE_BYTES):
-            parser.send(bytes(view[start:start + PIECE_BYTES]))
-        parser.close()
-    except (ijson.JSONError, UnicodeDecodeError) as e:
-        raise ValueError(f"not JSON: {e}") from None
+    for _ in _pieces(ijson.items_coro(out, "", use_float=True), raw):
+        pass
     if len(out) != 1:
         raise ValueError("not one JSON document")
     return out[0]
@@ -140,6 +147,16 @@ def top_level_string(raw: bytes, key: str) -> str | None:
     return None
 
 
+@functools.cache
+def _readers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(READERS, thread_name_prefix="loraplex-body")
+
+
+async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on a body-reading thread (:data:`READERS`)."""
+    return await asyncio.get_running_loop().run_in_executor(_readers(), fn, *args)
+
+
 def _json_error() -> RequestValidationError:
     # FastAPI's shape for a body that is not JSON; errors.py answers it with 400 invalid_json.
     return RequestValidationError([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
@@ -174,7 +191,7 @@ class OffLoopRoute(APIRoute):
             if len(raw) > INLINE_BYTES:
                 # Starlette's Request.json() returns what is cached here; FastAPI's own validation of
                 # an instance of the model is a type check.
-                request._json = await asyncio.to_thread(validate, raw, cap)
+                request._json = await off_loop(validate, raw, cap)
             elif raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:  # may be too deep: a millisecond to know
                 with contextlib.suppress(ValueError):  # not JSON: FastAPI's parse says so
                     check_shape(raw, cap)
