@@ -91,7 +91,7 @@ def engine_args(a, *, vllm_names: bool) -> list[str]:
         args += ["--quantization", a.quantization]
     if a.enforce_eager:
         args += ["--enforce-eager"]
-    return args
+    return args + shlex.split(a.engine_extra)
 
 
 def metric(url: str, name: str) -> float:
@@ -169,42 +169,84 @@ def cold_probe(url: str, key: str, a, cold: list[str], warm: str, base: str) -> 
 
 def phases(a, system: str, url: str, key: str, counts: list[int], names: list[str], model,
            metrics_url: str | None) -> list[dict]:
-    """One load phase per adapter count, on a running server, over the first ``n`` adapters."""
+    """One load phase per adapter count and popularity (``--popularity``), on a running server,
+    over the first ``n`` adapters."""
     rows = []
-    for n in counts:
-        before = ((metric(metrics_url, "loraplex_adapter_load_duration_seconds_count"),
-                   metric(metrics_url, "loraplex_adapter_cache_evictions_total")) if metrics_url else None)
-        print(f"   {system}: {n} adapters", flush=True)
-        s, _ = load(url + "/v1", key, workload(a, [model(x) for x in names[:n]]), a.processes)
-        row = asdict(s) | {"adapters": n}
-        if before:
-            row["adapter_loads"] = metric(metrics_url, "loraplex_adapter_load_duration_seconds_count") - before[0]
-            row["adapter_evictions"] = metric(metrics_url, "loraplex_adapter_cache_evictions_total") - before[1]
-        print("   " + json.dumps({k: row[k] for k in ("adapters", "requests", "errors", "output_tokens_per_s")}
-                                  | {"ttft_p50": row["ttft_s"]["p50"]}), flush=True)
-        rows.append(row)
-        if a.partial:  # kept as it goes: a run cut short still leaves its finished phases
-            with a.partial.open("a") as f:
-                f.write(json.dumps(row | {"system": system}) + "\n")
+    for popularity in a.popularity:
+        for n in counts:
+            if popularity == "uniform" and n == 1:
+                continue  # one adapter has one popularity
+            before = ((metric(metrics_url, "loraplex_adapter_load_duration_seconds_count"),
+                       metric(metrics_url, "loraplex_adapter_cache_evictions_total")) if metrics_url else None)
+            print(f"   {system}: {n} adapters, {popularity}", flush=True)
+            s, records = load(url + "/v1", key, workload(a, [model(x) for x in names[:n]], popularity), a.processes)
+            row = asdict(s) | {"adapters": n, "popularity": popularity} | worst_adapter(records)
+            if before:
+                row["adapter_loads"] = metric(metrics_url, "loraplex_adapter_load_duration_seconds_count") - before[0]
+                row["adapter_evictions"] = metric(metrics_url, "loraplex_adapter_cache_evictions_total") - before[1]
+            print("   " + json.dumps({k: row[k] for k in ("adapters", "requests", "errors", "output_tokens_per_s")}
+                                      | {"ttft_p50": row["ttft_s"]["p50"], "ttft_p99": row["ttft_s"]["p99"],
+                                         "worst_adapter_ttft_p99": row["ttft_p99_s_worst_adapter"]}), flush=True)
+            rows.append(row)
+            if a.partial:  # kept as it goes: a run cut short still leaves its finished phases
+                with a.partial.open("a") as f:
+                    f.write(json.dumps(row | {"system": system}) + "\n")
     return rows
 
 
-def register(url: str, key: str, dirs: list[Path], parallel: int = 16) -> float:
-    """Every adapter through POST /v1/load_lora_adapter (vLLM's call), ``parallel`` at a time."""
+def worst_adapter(records) -> dict:
+    """The adapter whose requests waited longest for their first token (its p99; for an adapter
+    with few requests, its slowest): an upper bound on the worst queue time, as a client sees it."""
+    import numpy as np
+
+    by_model: dict[str, list[float]] = {}
+    for r in records:
+        if r.error is None and r.ttft is not None:
+            by_model.setdefault(r.model, []).append(r.ttft)
+    if not by_model:
+        return {"ttft_p99_s_worst_adapter": None, "worst_adapter": None, "adapters_served": 0}
+    p99 = {m: float(np.percentile(v, 99)) for m, v in by_model.items()}
+    worst = max(p99, key=p99.get)
+    return {"ttft_p99_s_worst_adapter": p99[worst], "worst_adapter": worst, "adapters_served": len(by_model)}
+
+
+def register(url: str, key: str, dirs: list[Path], parallel: int = 8) -> float:
+    """Every adapter through POST /v1/load_lora_adapter (vLLM's call), from ``parallel`` clients;
+    a 429 (the server's --max-uploads) is retried after its Retry-After, as a client would."""
     import asyncio
 
     async def main():
-        sem = asyncio.Semaphore(parallel)
+        queue = list(reversed(dirs))
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as h:
-            async def one(d: Path):
-                async with sem:
-                    r = await h.post("/v1/load_lora_adapter", json={"lora_name": d.name, "lora_path": str(d)})
+            async def client():
+                while queue:
+                    d = queue.pop()
+                    while True:
+                        r = await h.post("/v1/load_lora_adapter", json={"lora_name": d.name, "lora_path": str(d)})
+                        if r.status_code != 429:
+                            break
+                        await asyncio.sleep(float(r.headers.get("retry-after", 1)))
                     if r.status_code not in (200, 201, 409):
                         raise RuntimeError(f"registering {d.name}: {r.status_code} {r.text}")
-            await asyncio.gather(*(one(d) for d in dirs))
+            await asyncio.gather(*(client() for _ in range(parallel)))
 
     t0 = time.perf_counter()
     asyncio.run(main())
+    return time.perf_counter() - t0
+
+
+def settle(metrics_url: str, quiet_s: float = 3.0, limit_s: float = 180.0) -> float:
+    """Wait until the server has loaded no adapter for ``quiet_s`` (registration fills the host
+    tier in the background, as raw vLLM loads its --lora-modules before it serves): seconds waited."""
+    t0 = time.perf_counter()
+    last, since = None, t0
+    while time.perf_counter() - t0 < limit_s:
+        n = metric(metrics_url, "loraplex_adapter_load_duration_seconds_count")
+        if n != last:
+            last, since = n, time.perf_counter()
+        elif time.perf_counter() - since >= quiet_s:
+            break
+        time.sleep(0.5)
     return time.perf_counter() - t0
 
 
@@ -230,18 +272,23 @@ def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: 
     p = Proc([sys.executable, "-m", "server", "--base", str(base), "--served-name", "base", "--port", str(port),
               *listeners,
               "--data-dir", str(data), "--adapter-cache-bytes", str(a.adapter_cache_bytes),
+              "--max-uploads", str(a.register_clients),
               "--lora-roots", str(adapters[0].parent), *engine_args(a, vllm_names=False)],
              logs / f"{system}-{max(counts)}.log", f"{url}/ready")
     started = time.perf_counter() - t0
     try:
-        reg = register(url, key, [*cold, *adapters])
-        print(f"   started in {started:.0f} s; registered {len(cold) + len(adapters)} adapters in {reg:.1f} s",
+        reg = register(url, key, [*cold, *adapters], a.register_clients)
+        warm = settle(metrics_url) if metrics_url else None
+        print(f"   started in {started:.0f} s; registered {len(cold) + len(adapters)} adapters in {reg:.1f} s "
+              f"from {a.register_clients} clients" + (f"; host tier filled {warm:.1f} s later" if warm else ""),
               flush=True)
         mem = GpuMemory(metrics_url)
         rows = phases(a, system, url, key, counts, [d.name for d in adapters], lambda x: f"base:{x}",
                       metrics_url)
-        extra = {"startup_s": started, "register_s": reg} | mem.stop()
-        extra |= cold_probe(url + "/v1", key, a, [f"base:{d.name}" for d in cold], f"base:{adapters[0].name}", "base")
+        extra = {"startup_s": started, "register_s": reg, "register_clients": a.register_clients,
+                 "host_tier_fill_s": warm} | mem.stop()
+        if cold:
+            extra |= cold_probe(url + "/v1", key, a, [f"base:{d.name}" for d in cold], f"base:{adapters[0].name}", "base")
         if metrics_url:
             extra["adapter_load_p50_server_s"] = histogram_p50(metrics_url, "loraplex_adapter_load_duration_seconds")
         return [r | extra for r in rows]
@@ -294,7 +341,7 @@ def run_vllm(a, base: Path, adapters: list[Path], cold: list[Path], counts: list
             rows = phases(a, "base", url, "none", counts[:1], ["base"], lambda x: x, None)
             rows[0]["adapters"] = 0
         extra = {"startup_s": started} | mem.stop()
-        if lora:
+        if lora and cold:
             extra |= cold_probe(url + "/v1", "none", a, [d.name for d in cold], adapters[0].name, "base")
         return [r | extra for r in rows]
     finally:
@@ -347,8 +394,8 @@ def run_peft(a, base: Path, adapters: list[Path], counts: list[int]) -> list[dic
     return rows
 
 
-def workload(a, models: list[str]) -> Workload:
-    return Workload(models=tuple(models), alpha=a.alpha, rate=a.rate, concurrency=a.concurrency,
+def workload(a, models: list[str], popularity: str = "alpha") -> Workload:
+    return Workload(models=tuple(models), alpha=None if popularity == "uniform" else a.alpha, rate=a.rate, concurrency=a.concurrency,
                     input_len=(a.input_len, a.input_len), output_len=(a.output_len, a.output_len),
                     ignore_eos=True, duration=a.duration, vocab=a.vocab, seed=0)
 
@@ -384,7 +431,8 @@ def plot(results: list[dict], out: Path) -> None:
     counts = sorted({r["adapters"] for r in results})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for s in systems:
-        rows = sorted((r for r in results if r["system"] == s), key=lambda r: r["adapters"])
+        rows = sorted((r for r in results if r["system"] == s and r.get("popularity", "alpha") == "alpha"),
+                      key=lambda r: r["adapters"])
         tput = [r["output_tokens_per_s"] for r in rows]
         ttft = [(r["ttft_s"]["p50"] or 0) * 1000 for r in rows]
         if s == "base":  # no adapters: one figure, drawn across as a reference line
@@ -422,6 +470,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rate", type=float)
     p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--popularity", nargs="+", choices=["alpha", "uniform"], default=["alpha"],
+                   help="adapter popularity in each phase: power law (--alpha) and/or uniform")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--processes", type=int, default=1, help="load-generator client processes")
@@ -434,6 +484,11 @@ def main() -> None:
     p.add_argument("--quantization", default=None)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--engine-extra", default="",
+                   help="more engine flags for both loraplex and raw vLLM, e.g. '--specialize-active-lora'")
+    p.add_argument("--label", default=None, help="the system's name in the results (default: --systems' name)")
+    p.add_argument("--register-clients", type=int, default=8,
+                   help="clients registering loraplex's adapters at once (and its --max-uploads)")
     p.add_argument("--peft-adapters", type=int, nargs="+", default=None,
                    help="adapter counts for HF PEFT (default: --adapters)")
     p.add_argument("--peft-max-loaded", type=int, default=32)
@@ -473,13 +528,15 @@ def main() -> None:
     def record(rows: list[dict], system: str) -> None:
         for r in rows:
             r["system"] = system
-            results[:] = [x for x in results if (x["system"], x["adapters"]) != (system, r["adapters"])] + [r]
+            same = (system, r["adapters"], r.get("popularity", "alpha"))
+            results[:] = [x for x in results
+                          if (x["system"], x["adapters"], x.get("popularity", "alpha")) != same] + [r]
             print(json.dumps({k: r.get(k) for k in ("system", "adapters", "requests", "errors", "requests_per_s",
                                                     "output_tokens_per_s")} | {"ttft_p50": r["ttft_s"]["p50"]}),
                   flush=True)
         doc = {"command": command, "commands": [*commands, command] if command not in commands else commands,
                "host": host_info(), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-               "results": sorted(results, key=lambda x: (x["system"], x["adapters"]))}
+               "results": sorted(results, key=lambda x: (x["system"], x.get("popularity", "alpha"), x["adapters"]))}
         doc_path.write_text(json.dumps(doc, indent=2))
 
     groups = [a.adapters] if a.one_server else [[n] for n in a.adapters]
@@ -487,12 +544,13 @@ def main() -> None:
         for counts in groups:
             print(f"== {system} with {counts} adapters", flush=True)
             adapters = adapters_all[: max(counts)]
+            name = a.label or system
             if system in ("loraplex", "loraplex-ray"):
-                record(run_loraplex(a, base, adapters, cold, counts, logs, ray=system == "loraplex-ray"), system)
+                record(run_loraplex(a, base, adapters, cold, counts, logs, ray=system == "loraplex-ray"), name)
             elif system == "vllm":
-                record(run_vllm(a, base, adapters, cold, counts, logs, lora=True), system)
+                record(run_vllm(a, base, adapters, cold, counts, logs, lora=True), name)
             elif system == "base":
-                record(run_vllm(a, base, adapters, [], counts, logs, lora=False), system)
+                record(run_vllm(a, base, adapters, [], counts, logs, lora=False), name)
                 break  # base-only does not depend on the adapter count
             else:
                 peft_counts = a.peft_adapters or counts

@@ -12,6 +12,13 @@
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh bnb4 vllm
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh mixed loraplex vllm   # ~3 min each, no setup needed
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh corpus                # ~2 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh many SYSTEM [bnb4]    # ~5-8 min each, after setup
+#
+# `many` is issue 22's run (benchmarks/many_adapters.py): 1, 32 and 1000 adapters under power-law
+# (alpha=1) and uniform popularity, one system per call: vllm-documented (raw vLLM, its documented
+# --max-loras 32 --max-cpu-loras 256), loraplex (the slots, host tier and graphs loraplex runs
+# with), vllm-same-slots (raw vLLM given those same options), loraplex-documented (loraplex on
+# vLLM's documented flags). Then, here: python benchmarks/many_adapters.py many-*.json --out DIR.
 #
 # `mixed` and `corpus` are the engine-safety checks on this vLLM line: base and adapter requests
 # mixed under LoRA slot churn, each compared with its own model's answer (benchmarks/mixed_traffic.py;
@@ -60,6 +67,34 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     done
     nvidia-smi --query-gpu=memory.used --format=csv
     ;;
+  many)  # many SYSTEM [bnb4]
+    which=$1
+    quant=()
+    [ "${2:-}" = bnb4 ] && quant=(--quantization bitsandbytes)
+    slots=(--max-loras 128 --max-cpu-loras 512 --adapter-cache-bytes $((48 << 30)) --engine-extra=--specialize-active-lora)
+    documented=(--max-loras 32 --max-cpu-loras 256 --adapter-cache-bytes $((24 << 30)))
+    case $which in
+      vllm-documented) sys=(--systems vllm "${documented[@]}") ;;
+      loraplex) sys=(--systems loraplex "${slots[@]}") ;;
+      vllm-same-slots) sys=(--systems vllm "${slots[@]}") ;;
+      loraplex-documented) sys=(--systems loraplex "${documented[@]}") ;;
+      *) echo "many: vllm-documented | loraplex | vllm-same-slots | loraplex-documented" >&2; exit 2 ;;
+    esac
+    tag=$which${2:+-$2}
+    touch "$W/.mark"
+    timeout -k 10 "${BENCH_TIMEOUT:-570}" python3 benchmarks/compare.py --base "$M" --adapters 1 32 1000 --one-server \
+      --alpha 1 --popularity alpha uniform --distinct-weights 64 --pool "$W/adapters" \
+      --duration "${BENCH_DURATION:-30}" --concurrency 128 --processes 8 --input-len 256 --output-len 128 \
+      --max-model-len 2048 --kv-cache-bytes $((16 << 30)) "${sys[@]}" "${quant[@]}" --label "$which" \
+      --work "$W/many-$tag" --out "$W/results/many-$tag" 2>&1 | grep -v "kernels-community" | tee "$OUT/many-$tag.log"
+    cp "$W/results/many-$tag/compare.json" "$OUT/many-$tag.json" 2>/dev/null
+    cp "$W/results/many-$tag/partial.jsonl" "$OUT/many-$tag-partial.jsonl" 2>/dev/null
+    for f in "$W/many-$tag"/logs/*.log; do
+      [ "$f" -nt "$W/.mark" ] && { head -c 100000 "$f"; echo "[...]"; tail -c 200000 "$f"; } > "$OUT/server-$tag.log"
+    done
+    nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
+    nvidia-smi --query-gpu=memory.used --format=csv
+    ;;
   mixed)  # mixed SYSTEM...: loraplex and/or vllm
     for system in "$@"; do
       timeout 280 python3 benchmarks/mixed_traffic.py --system "$system" --device cuda --reference solo \
@@ -74,7 +109,7 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     tail -n 1 "$OUT/refused_corpus.log"
     ;;
   *)
-    echo "usage: gpu_run.sh setup | mixed SYSTEM... | corpus | {bf16|bnb4} SYSTEM..." >&2
+    echo "usage: gpu_run.sh setup | many SYSTEM [bnb4] | mixed SYSTEM... | corpus | {bf16|bnb4} SYSTEM..." >&2
     exit 2
     ;;
 esac

@@ -255,6 +255,20 @@ class ResidencyManager:
             self.events.loaded(key, load_seconds)
         return True
 
+    def prefetch(self, key: str, path: str, size_bytes: int, *, digest: str | None = None,
+                 pinned: bool = False) -> bool:
+        """Start loading an adapter no request has asked for yet, if the host tier has room for
+        it without evicting anything: registered adapters fill the tier up front, as ``vllm
+        serve --lora-modules`` does, and never push out one that is in use. Its requests wait
+        for the load as for any other. False: no room; it loads on first use."""
+        if key in self._entries or self._over(size_bytes):
+            return False
+        entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
+        entry.load = asyncio.get_running_loop().create_future()
+        self._entries[key] = entry
+        self._in_background(self._load(entry))
+        return True
+
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)

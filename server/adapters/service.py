@@ -25,8 +25,10 @@ What is reclaimed, and when:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,12 +39,17 @@ from server.adapters.residency import ResidencyManager
 from server.adapters.staging import StagedUpload, copy_dir
 from server.adapters.uploads import UploadSlots
 from server.adapters.store import AdapterStore
-from server.adapters.upload import BaseSpec, UploadFile, feed, validate
+from server.adapters.upload import AdapterInfo, BaseSpec, UploadFile, feed, validate
 from server.config import Settings
 from server.errors import AdapterRejected, Conflict, InvalidArgument, PermissionDenied, QuotaExceeded
 from server.tenants.store import Principal, TenantStore
 
 logger = logging.getLogger(__name__)
+
+ACCEPTED_DIGESTS = 4096
+"""Verdicts remembered: digests of content that passed loraplex's rules and vLLM's loader in this
+process, so that registering the same bytes again (a platform's many copies of one adapter, an
+upload retried) costs a hash and a row."""
 
 
 class AdapterService:
@@ -60,6 +67,7 @@ class AdapterService:
         self.gc_grace_s = settings.adapter_gc_grace_s
         self._store_lock = asyncio.Lock()  # put + register, and gc: a blob is never live-but-unregistered
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
+        self._accepted: OrderedDict[str, AdapterInfo] = OrderedDict()  # digest -> what validation found
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
         self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
         self.uploads = UploadSlots(settings, store.free_bytes)
@@ -98,48 +106,79 @@ class AdapterService:
 
     async def add(self, principal: Principal, name: str, staged: StagedUpload, *, tenant: str | None = None,
                   replace: bool = False, refusal_field: str = "files") -> AdapterRecord:
-        """Validate, have vLLM load, store and register a staged upload; on any failure nothing is kept."""
+        """Validate, have vLLM load, store and register a staged upload; on any failure nothing is kept.
+
+        Content this process has already seen pass loraplex's rules and vLLM's loader (the same
+        digest: the same bytes, the same verdict) skips both, and with them the engine: it is
+        stored and registered at once, and loaded into the host tier in the background where
+        there is room without evicting anything."""
         ns = self.check_upload(principal, name, tenant, replace=replace)
         quota_rank = self._quotas(principal, ns).max_rank
+        t0 = time.perf_counter()
         # File work (unpack, hash, parse, scan the tensors) runs in a worker thread: an upload
         # of hundreds of MB must not stall the streams being served.
         digest = await asyncio.to_thread(staged.finish)
-        info = await asyncio.to_thread(validate, staged.dir, self.base_spec, max_rank=self.settings.max_lora_rank)
+        t_hash = time.perf_counter()
+        info = self._accepted.get(digest)
+        known = info is not None
+        if not known:
+            info = await asyncio.to_thread(validate, staged.dir, self.base_spec, max_rank=self.settings.max_lora_rank)
+        t_validate = time.perf_counter()
         if info.rank > quota_rank:
             raise QuotaExceeded(f"the adapter's rank is {info.rank}; tenant {ns!r}'s quota allows rank {quota_rank} at "
                                 "most", field="r")
-        async with self._validate_lock:
-            t0 = time.perf_counter()
-            lora_id = await self._validate_in_engine(staged.dir, refusal_field)
-            load_seconds = time.perf_counter() - t0
+        # The engine has one spare host-tier slot: one validation load at a time, held until the
+        # loaded adapter is adopted as the new version's cache entry or dropped.
+        async with contextlib.nullcontext() if known else self._validate_lock:
+            t_engine = time.perf_counter()
+            lora_id = None if known else await self._validate_in_engine(staged.dir, refusal_field)
+            load_seconds = time.perf_counter() - t_engine
+            if not known:
+                self._accepted[digest] = info
+                while len(self._accepted) > ACCEPTED_DIGESTS:
+                    self._accepted.popitem(last=False)
+            t_store = time.perf_counter()
             try:
-                async with self._store_lock:
-                    existed = await asyncio.to_thread(self.store.exists, digest)
-                    await asyncio.to_thread(self.store.put, staged.dir, digest=digest)
-                    failpoints.hit("upload.blob_stored")
-                    try:
-                        if replace:
-                            new, old = await asyncio.to_thread(self.registry.replace, ns, name, digest, info)
-                        else:
-                            new, old = await asyncio.to_thread(
-                                self.registry.add, ns, name, digest, info,
-                                max_adapters=self._quotas(principal, ns).max_adapters), None
-                    except BaseException:
-                        if not existed and digest not in self._live():
-                            await asyncio.to_thread(self.store.delete, digest)
-                        raise
-                failpoints.hit("upload.committed")
+                new, old = await self._store_and_register(principal, ns, name, staged, digest, info, replace)
             except BaseException:
-                await self._drop_from_engine(lora_id)
+                if lora_id is not None:
+                    await self._drop_from_engine(lora_id)
                 raise
             path = str(self.store.path(digest))
-            if not self.residency.adopt(new.key, lora_id, path, new.size_bytes, digest=digest, pinned=new.pinned,
-                                        load_seconds=load_seconds):
+            if known:
+                self.residency.prefetch(new.key, path, new.size_bytes, digest=digest, pinned=new.pinned)
+            elif not self.residency.adopt(new.key, lora_id, path, new.size_bytes, digest=digest, pinned=new.pinned,
+                                          load_seconds=load_seconds):
                 await self._drop_from_engine(lora_id)  # no room without waiting: it loads on first use
+        logger.info("registered %s in %.2f s (hash %.2f, rules %.2f, vLLM %.2f, store %.2f)%s", new.key,
+                    time.perf_counter() - t0, t_hash - t0, t_validate - t_hash, 0.0 if known else load_seconds,
+                    time.perf_counter() - t_store, "; content already accepted" if known else "")
         if old is not None:
             await self._retire(old)
         await self.changed()
         return new
+
+    async def _store_and_register(self, principal: Principal, ns: str, name: str, staged: StagedUpload, digest: str,
+                                  info, replace: bool) -> tuple[AdapterRecord, AdapterRecord | None]:
+        """The blob into the store and the row into the registry, as one step: a refused row
+        takes a blob no one else uses with it."""
+        async with self._store_lock:
+            existed = await asyncio.to_thread(self.store.exists, digest)
+            await asyncio.to_thread(self.store.put, staged.dir, digest=digest)
+            failpoints.hit("upload.blob_stored")
+            try:
+                if replace:
+                    new, old = await asyncio.to_thread(self.registry.replace, ns, name, digest, info)
+                else:
+                    new, old = await asyncio.to_thread(
+                        self.registry.add, ns, name, digest, info,
+                        max_adapters=self._quotas(principal, ns).max_adapters), None
+            except BaseException:
+                if not existed and digest not in self._live():
+                    await asyncio.to_thread(self.store.delete, digest)
+                raise
+        failpoints.hit("upload.committed")
+        return new, old
 
     async def upload(self, principal: Principal, name: str, *, files: list[UploadFile] | None = None,
                      tarball: bytes | None = None, tenant: str | None = None, replace: bool = False) -> AdapterRecord:

@@ -29,9 +29,11 @@ class Engine:
         self.refuse = refuse
         self.loaded: dict[int, str] = {}  # lora id -> path
         self.removed: list[int] = []
+        self.names: list[str] = []  # every add_lora, in order
         self.ready = True
 
     async def add_lora(self, name, lora_id, path):
+        self.names.append(name)
         if self.refuse:
             raise LoraLoadError("While loading ..., expected target modules in {...} but received [...]")
         self.loaded[lora_id] = path
@@ -82,7 +84,8 @@ def test_a_refused_upload_keeps_a_blob_another_adapter_uses(tmp_path):
     engine = Engine()
     service, admin, src = make(tmp_path, engine)
     kept = asyncio.run(service.adapters.load_from_path(admin, "first", src))
-    engine.refuse = True
+    engine.refuse = True  # after a restart onto another vLLM, say: verdicts last one process
+    service.adapters._accepted.clear()
     with pytest.raises(AdapterRejected):
         asyncio.run(service.adapters.upload(admin, "second", files=uploads(adapter_files())))
     assert service.adapters.get_adapter(admin, "first") == kept
@@ -117,7 +120,7 @@ def test_a_pin_that_cannot_load_leaves_the_adapter_unpinned(tmp_path):
 
     async def main():
         await service.adapters.load_from_path(admin, "first", src)
-        await service.adapters.upload(admin, "second", files=uploads(adapter_files(config=None)))  # evicts first
+        await service.adapters.upload(admin, "second", files=uploads(adapter_files(fingerprint=None)))  # evicts first
         assert service.adapters.residency_of(service.adapters.get_adapter(admin, "first")) == "registered"
         engine.refuse = True
         with pytest.raises(AdapterLoadFailed):
@@ -126,3 +129,40 @@ def test_a_pin_that_cannot_load_leaves_the_adapter_unpinned(tmp_path):
     asyncio.run(main())
     rec = service.adapters.get_adapter(admin, "first")
     assert rec.pinned is False and service.residency.get(rec.key) is None
+
+
+
+def test_content_already_accepted_is_registered_without_validating_it_again(tmp_path):
+    """The same bytes again (a platform's copies of one adapter, a retried upload): no second pass
+    of the rules or of vLLM's loader, one blob; the copy is loaded into the host tier's free room
+    in the background, under its own name."""
+    engine = Engine()
+    service, admin, src = make(tmp_path, engine)
+
+    async def main():
+        first = await service.adapters.load_from_path(admin, "first", src)
+        second = await service.adapters.upload(admin, "second", files=uploads(adapter_files()))
+        await service.residency.get(second.key).load
+        other = await service.adapters.upload(admin, "other", files=uploads(adapter_files(fingerprint=None)))
+        return first, second, other
+
+    first, second, other = asyncio.run(main())
+    assert first.digest == second.digest != other.digest
+    assert service.store.digests() == {first.digest, other.digest}
+    # validate-<id> is a validation load; a version's key is a cache load
+    assert [n.split("-")[0] if n.startswith("validate-") else n for n in engine.names] == \
+        ["validate", second.key, "validate"]
+    assert {service.adapters.residency_of(r) for r in (first, second, other)} == {"loaded"}
+
+
+def test_a_copy_of_accepted_content_is_still_held_to_the_tenants_rank_quota(tmp_path):
+    from server.errors import QuotaExceeded
+    from server.tenants.store import Quotas
+
+    engine = Engine()
+    service, admin, src = make(tmp_path, engine)
+    asyncio.run(service.adapters.load_from_path(admin, "first", src))
+    key = service.tenants.create("small", Role.TENANT, Quotas(max_rank=1))
+    small = asyncio.run(service.authenticate(f"Bearer {key}"))
+    with pytest.raises(QuotaExceeded, match="rank"):
+        asyncio.run(service.adapters.upload(small, "copy", files=uploads(adapter_files())))

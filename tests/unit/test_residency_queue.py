@@ -215,3 +215,32 @@ def test_a_waiting_admission_keeps_its_blob_live():
         r.release(b)
 
     asyncio.run(main())
+
+
+def test_prefetch_fills_free_room_and_never_evicts():
+    async def main():
+        engine = Engine(delay=0.01)
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=2)
+        busy = await r.acquire("t/a@1", "/a", 1)
+        assert r.prefetch("t/b@1", "/b", 1)
+        assert not r.prefetch("t/b@1", "/b", 1)  # already there (loading)
+        assert r.get("t/b@1").state is Residency.LOADING
+        r.release(busy)  # a is idle now, but room is not made by evicting it
+        assert not r.prefetch("t/c@1", "/c", 1)
+        waiting = await r.acquire("t/b@1", "/b", 1)  # a request for a prefetching adapter waits for its load
+        assert waiting.state is Residency.LOADED and engine.removed == []
+        assert r.get("t/a@1") is not None and r.get("t/c@1") is None
+        r.release(waiting)
+
+    asyncio.run(main())
+
+
+def test_a_prefetch_vllm_refuses_leaves_nothing():
+    async def main():
+        engine = Engine(refuse={"/bad"})
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=2)
+        assert r.prefetch("t/bad@1", "/bad", 1)
+        await asyncio.sleep(0.01)
+        assert r.get("t/bad@1") is None and r.entries() == []
+
+    asyncio.run(main())
