@@ -44,7 +44,7 @@ import enum
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,6 +116,8 @@ class ResidencyManager:
         waiting in vLLM's queue, before it is refused with :class:`AdapterCacheFull`."""
         self._freed = asyncio.Event()  # set whenever an adapter becomes idle (evictable)
         self._tasks: set[asyncio.Task] = set()  # background loads and removals, referenced until done
+        self._prefetch: deque[tuple[str, str, int, str | None, bool]] = deque()  # registered, not yet loaded
+        self._prefetcher: asyncio.Task | None = None
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
         self._waiting: Counter[str] = Counter()  # digests of cold admissions waiting for room
         self._ids = itertools.count(1)
@@ -256,18 +258,33 @@ class ResidencyManager:
         return True
 
     def prefetch(self, key: str, path: str, size_bytes: int, *, digest: str | None = None,
-                 pinned: bool = False) -> bool:
-        """Start loading an adapter no request has asked for yet, if the host tier has room for
-        it without evicting anything: registered adapters fill the tier up front, as ``vllm
-        serve --lora-modules`` does, and never push out one that is in use. Its requests wait
-        for the load as for any other. False: no room; it loads on first use."""
-        if key in self._entries or self._over(size_bytes):
-            return False
-        entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
-        entry.load = asyncio.get_running_loop().create_future()
-        self._entries[key] = entry
-        self._in_background(self._load(entry))
-        return True
+                 pinned: bool = False) -> None:
+        """Load an adapter no request has asked for yet, once the host tier has room for it
+        without evicting anything: registered adapters fill the tier up front, as ``vllm serve
+        --lora-modules`` does, and never push out one that is in use. One such load at a time
+        reaches the engine, so that a registration's validation load or a request's cold load
+        waits behind at most one of them, not behind every adapter just registered. An adapter
+        a request asks for first is loaded for it as usual."""
+        self._prefetch.append((key, path, size_bytes, digest, pinned))
+        if self._prefetcher is None or self._prefetcher.done():
+            self._prefetcher = asyncio.get_running_loop().create_task(self._prefetch_all())
+            self._tasks.add(self._prefetcher)
+            self._prefetcher.add_done_callback(self._tasks.discard)
+
+    async def prefetched(self) -> None:
+        """Until every adapter queued by :meth:`prefetch` has loaded, or found no room."""
+        while self._prefetcher is not None and not self._prefetcher.done():
+            await asyncio.shield(self._prefetcher)
+
+    async def _prefetch_all(self) -> None:
+        while self._prefetch:
+            key, path, size_bytes, digest, pinned = self._prefetch.popleft()
+            if key in self._entries or self._over(size_bytes):
+                continue  # asked for meanwhile, or no room: it loads on first use
+            entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
+            entry.load = asyncio.get_running_loop().create_future()
+            self._entries[key] = entry
+            await self._load(entry)
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -347,6 +364,7 @@ class ResidencyManager:
     def reset(self) -> None:
         """The engine restarted empty: forget every entry. Loads in flight fail with the engine."""
         self._entries.clear()
+        self._prefetch.clear()
         self._freed.set()
 
 

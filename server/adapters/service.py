@@ -68,6 +68,7 @@ class AdapterService:
         self._store_lock = asyncio.Lock()  # put + register, and gc: a blob is never live-but-unregistered
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
         self._accepted: OrderedDict[str, AdapterInfo] = OrderedDict()  # digest -> what validation found
+        self._judging: dict[str, asyncio.Future] = {}  # digests being validated now, awaited by their copies
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
         self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
         self.uploads = UploadSlots(settings, store.free_bytes)
@@ -119,37 +120,40 @@ class AdapterService:
         # of hundreds of MB must not stall the streams being served.
         digest = await asyncio.to_thread(staged.finish)
         t_hash = time.perf_counter()
-        info = self._accepted.get(digest)
+        info, judging = await self._verdict(digest)
         known = info is not None
-        if not known:
-            info = await asyncio.to_thread(validate, staged.dir, self.base_spec, max_rank=self.settings.max_lora_rank)
-        t_validate = time.perf_counter()
-        if info.rank > quota_rank:
-            raise QuotaExceeded(f"the adapter's rank is {info.rank}; tenant {ns!r}'s quota allows rank {quota_rank} at "
-                                "most", field="r")
-        # The engine has one spare host-tier slot: one validation load at a time, held until the
-        # loaded adapter is adopted as the new version's cache entry or dropped.
-        async with contextlib.nullcontext() if known else self._validate_lock:
-            t_engine = time.perf_counter()
-            lora_id = None if known else await self._validate_in_engine(staged.dir, refusal_field)
-            load_seconds = time.perf_counter() - t_engine
+        try:
             if not known:
-                self._accepted[digest] = info
-                while len(self._accepted) > ACCEPTED_DIGESTS:
-                    self._accepted.popitem(last=False)
-            t_store = time.perf_counter()
-            try:
-                new, old = await self._store_and_register(principal, ns, name, staged, digest, info, replace)
-            except BaseException:
-                if lora_id is not None:
-                    await self._drop_from_engine(lora_id)
-                raise
-            path = str(self.store.path(digest))
-            if known:
-                self.residency.prefetch(new.key, path, new.size_bytes, digest=digest, pinned=new.pinned)
-            elif not self.residency.adopt(new.key, lora_id, path, new.size_bytes, digest=digest, pinned=new.pinned,
-                                          load_seconds=load_seconds):
-                await self._drop_from_engine(lora_id)  # no room without waiting: it loads on first use
+                info = await asyncio.to_thread(validate, staged.dir, self.base_spec,
+                                               max_rank=self.settings.max_lora_rank)
+            t_validate = time.perf_counter()
+            if info.rank > quota_rank:
+                raise QuotaExceeded(f"the adapter's rank is {info.rank}; tenant {ns!r}'s quota allows rank "
+                                    f"{quota_rank} at most", field="r")
+            # The engine has one spare host-tier slot: one validation load at a time, held until
+            # the loaded adapter is adopted as the new version's cache entry or dropped.
+            async with contextlib.nullcontext() if known else self._validate_lock:
+                t_engine = time.perf_counter()
+                lora_id = None if known else await self._validate_in_engine(staged.dir, refusal_field)
+                load_seconds = time.perf_counter() - t_engine
+                if not known:
+                    self._accept(digest, info, judging)
+                t_store = time.perf_counter()
+                try:
+                    new, old = await self._store_and_register(principal, ns, name, staged, digest, info, replace)
+                except BaseException:
+                    if lora_id is not None:
+                        await self._drop_from_engine(lora_id)
+                    raise
+                path = str(self.store.path(digest))
+                if known:
+                    self.residency.prefetch(new.key, path, new.size_bytes, digest=digest, pinned=new.pinned)
+                elif not self.residency.adopt(new.key, lora_id, path, new.size_bytes, digest=digest,
+                                              pinned=new.pinned, load_seconds=load_seconds):
+                    await self._drop_from_engine(lora_id)  # no room without waiting: it loads on first use
+        finally:
+            if judging is not None:
+                self._judged(digest, judging)
         logger.info("registered %s in %.2f s (hash %.2f, rules %.2f, vLLM %.2f, store %.2f)%s", new.key,
                     time.perf_counter() - t0, t_hash - t0, t_validate - t_hash, 0.0 if known else load_seconds,
                     time.perf_counter() - t_store, "; content already accepted" if known else "")
@@ -157,6 +161,36 @@ class AdapterService:
             await self._retire(old)
         await self.changed()
         return new
+
+    async def _verdict(self, digest: str) -> tuple[AdapterInfo | None, asyncio.Future | None]:
+        """What validation found for this content, if this process knows: ``(info, None)``.
+        Content another registration is judging right now waits for that verdict (copies of one
+        adapter registered at once are judged once). Otherwise ``(None, judging)``: this
+        registration judges it, and must pass ``judging`` to :meth:`_accept` or :meth:`_judged`."""
+        while True:
+            if (info := self._accepted.get(digest)) is not None:
+                return info, None
+            pending = self._judging.get(digest)
+            if pending is None:
+                judging = asyncio.get_running_loop().create_future()
+                self._judging[digest] = judging
+                return None, judging
+            await asyncio.shield(pending)  # refused or failed: the next turn judges this copy itself
+
+    def _accept(self, digest: str, info: AdapterInfo, judging: asyncio.Future | None) -> None:
+        self._accepted[digest] = info
+        while len(self._accepted) > ACCEPTED_DIGESTS:
+            self._accepted.popitem(last=False)
+        if judging is not None:
+            self._judged(digest, judging)
+
+    def _judged(self, digest: str, judging: asyncio.Future) -> None:
+        """The judging of this content ended (accepted, refused, or cut short): wake the copies
+        that wait on it."""
+        if self._judging.get(digest) is judging:
+            del self._judging[digest]
+        if not judging.done():
+            judging.set_result(None)
 
     async def _store_and_register(self, principal: Principal, ns: str, name: str, staged: StagedUpload, digest: str,
                                   info, replace: bool) -> tuple[AdapterRecord, AdapterRecord | None]:

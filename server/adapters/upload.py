@@ -226,7 +226,12 @@ def _tensor_norms(path: Path, header: Mapping[str, dict]) -> dict[str, float]:
     """Every tensor's Frobenius norm, after checking that every value is finite in float32, the
     precision vLLM computes LoRA in at most (a NaN or inf in one tenant's weights turns its
     outputs into NaN, and on vLLM's CPU attention a NaN left in a freed KV-cache block reaches the
-    next requests to use it). One tensor in memory at a time; shapes were checked from the header."""
+    next requests to use it). One tensor in memory at a time; shapes were checked from the header.
+
+    One pass over the values: the norm, taken in float32, is finite exactly when every value is
+    and no square overflows; only a tensor that fails is looked at again (for NaN, then in
+    float64). (Casting to float32, then isfinite, then a float64 norm took 8 times as long:
+    about a second per 80 MiB adapter, for each of the hundreds a platform registers.)"""
     import torch
     from safetensors import safe_open
 
@@ -234,15 +239,19 @@ def _tensor_norms(path: Path, header: Mapping[str, dict]) -> dict[str, float]:
     try:
         with safe_open(str(path), "pt") as f:
             for key in f.keys():
-                tensor = f.get_tensor(key).to(torch.float32)  # what a float64 adapter becomes in vLLM
+                tensor = f.get_tensor(key)
+                if tensor.dtype == torch.float64:
+                    tensor = tensor.to(torch.float32)  # what a float64 adapter becomes in vLLM
                 if list(tensor.shape) != header[key]["shape"]:
                     raise _corrupted(f"tensor {key!r} is not the shape its header gives")
-                if not bool(torch.isfinite(tensor).all()):
-                    raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values (in float32)",
-                                          field=WEIGHTS)
-                norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+                norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float32))
                 if not math.isfinite(norm):
-                    raise AdapterRejected(f"tensor {key!r} has values too large to compute with", field=WEIGHTS)
+                    if not bool(torch.isfinite(tensor).all()):
+                        raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values (in float32)",
+                                              field=WEIGHTS)
+                    norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))  # squares past float32
+                    if not math.isfinite(norm):
+                        raise AdapterRejected(f"tensor {key!r} has values too large to compute with", field=WEIGHTS)
                 norms[key] = norm
                 del tensor
     except AdapterRejected:

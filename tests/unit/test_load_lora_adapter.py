@@ -142,7 +142,7 @@ def test_content_already_accepted_is_registered_without_validating_it_again(tmp_
     async def main():
         first = await service.adapters.load_from_path(admin, "first", src)
         second = await service.adapters.upload(admin, "second", files=uploads(adapter_files()))
-        await service.residency.get(second.key).load
+        await service.residency.prefetched()
         other = await service.adapters.upload(admin, "other", files=uploads(adapter_files(fingerprint=None)))
         return first, second, other
 
@@ -166,3 +166,27 @@ def test_a_copy_of_accepted_content_is_still_held_to_the_tenants_rank_quota(tmp_
     small = asyncio.run(service.authenticate(f"Bearer {key}"))
     with pytest.raises(QuotaExceeded, match="rank"):
         asyncio.run(service.adapters.upload(small, "copy", files=uploads(adapter_files())))
+
+
+def test_copies_registered_at_once_are_judged_once_and_a_refusal_is_each_copys_own(tmp_path):
+    engine = Engine()
+    service, admin, src = make(tmp_path, engine, max_upload_bytes=1 << 20)
+
+    async def main():
+        return await asyncio.gather(*(service.adapters.upload(admin, f"copy{i}", files=uploads(adapter_files()))
+                                      for i in range(4)))
+
+    copies = asyncio.run(main())
+    assert len({r.digest for r in copies}) == 1
+    assert sum(n.startswith("validate-") for n in engine.names) == 1
+
+    refusing = Engine(refuse=True)
+    service, admin, src = make(tmp_path / "again", refusing, max_upload_bytes=1 << 20)
+
+    async def refused():
+        return await asyncio.gather(*(service.adapters.upload(admin, f"copy{i}", files=uploads(adapter_files()))
+                                      for i in range(3)), return_exceptions=True)
+
+    outcomes = asyncio.run(refused())
+    assert all(isinstance(o, AdapterRejected) for o in outcomes)
+    assert len(refusing.names) == 3 and service.store.digests() == set()  # each copy asked vLLM itself

@@ -217,30 +217,54 @@ def test_a_waiting_admission_keeps_its_blob_live():
     asyncio.run(main())
 
 
-def test_prefetch_fills_free_room_and_never_evicts():
+def test_prefetch_fills_free_room_one_load_at_a_time_and_never_evicts():
     async def main():
-        engine = Engine(delay=0.01)
-        r = ResidencyManager(engine, budget_bytes=10, max_entries=2)
+        engine = Engine()
+        gates: dict[str, asyncio.Event] = {}
+        in_flight: set[str] = set()
+        add = engine.add_lora
+
+        async def gated(name, lora_id, path):  # each load waits until the test opens its gate
+            in_flight.add(path)
+            await gates.setdefault(path, asyncio.Event()).wait()
+            in_flight.discard(path)
+            await add(name, lora_id, path)
+
+        async def settle():
+            for _ in range(10):
+                await asyncio.sleep(0)
+
+        engine.add_lora = gated
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=4)
+        gates["/a"] = asyncio.Event()
+        gates["/a"].set()
         busy = await r.acquire("t/a@1", "/a", 1)
-        assert r.prefetch("t/b@1", "/b", 1)
-        assert not r.prefetch("t/b@1", "/b", 1)  # already there (loading)
-        assert r.get("t/b@1").state is Residency.LOADING
-        r.release(busy)  # a is idle now, but room is not made by evicting it
-        assert not r.prefetch("t/c@1", "/c", 1)
-        waiting = await r.acquire("t/b@1", "/b", 1)  # a request for a prefetching adapter waits for its load
-        assert waiting.state is Residency.LOADED and engine.removed == []
-        assert r.get("t/a@1") is not None and r.get("t/c@1") is None
-        r.release(waiting)
+        for name in "bcde":
+            r.prefetch(f"t/{name}@1", f"/{name}", 1)
+        await settle()
+        assert in_flight == {"/b"}  # one prefetch at a time reaches the engine
+        asked = asyncio.create_task(r.acquire("t/e@1", "/e", 1))  # asked for before its turn
+        await settle()
+        assert in_flight == {"/b", "/e"}  # loaded for its request at once, beside the one prefetch
+        gates.setdefault("/e", asyncio.Event()).set()
+        assert (await asked).state is Residency.LOADED and r.get("t/c@1") is None
+        r.release(busy)
+        r.release(await asked)
+        for g in "bcd":
+            gates.setdefault(f"/{g}", asyncio.Event()).set()
+        await r.prefetched()
+        # b and c fit; d finds no room without evicting a, which is idle but is not pushed out
+        assert sorted(e.key for e in r.entries()) == ["t/a@1", "t/b@1", "t/c@1", "t/e@1"]
+        assert engine.removed == []
 
     asyncio.run(main())
 
 
 def test_a_prefetch_vllm_refuses_leaves_nothing():
     async def main():
-        engine = Engine(refuse={"/bad"})
-        r = ResidencyManager(engine, budget_bytes=10, max_entries=2)
-        assert r.prefetch("t/bad@1", "/bad", 1)
-        await asyncio.sleep(0.01)
-        assert r.get("t/bad@1") is None and r.entries() == []
+        r = ResidencyManager(Engine(refuse={"/bad"}), budget_bytes=10, max_entries=2)
+        r.prefetch("t/bad@1", "/bad", 1)
+        await r.prefetched()
+        assert r.entries() == []
 
     asyncio.run(main())
