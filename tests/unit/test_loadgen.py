@@ -19,3 +19,33 @@ def test_summary_percentiles_and_errors():
     assert s.requests_per_s == 1.0 and s.output_tokens_per_s == 11.0
     assert abs(s.ttft_s["p50"] - 0.55) < 1e-9
     assert abs(recs[0].tpot - 0.1) < 1e-9  # (e2e - ttft) / (tokens - 1) = (1.1 - 0.1) / 10
+
+
+def test_the_worst_adapter_is_the_one_whose_requests_waited_longest():
+    from benchmarks.compare import worst_adapter
+
+    recs = [Record("hot", 0, ttft=0.1) for _ in range(50)] + [Record("rare", 0, ttft=3.0),
+                                                              Record("rare", 0, error="boom")]
+    assert worst_adapter(recs) == {"ttft_p99_s_worst_adapter": 3.0, "worst_adapter": "rare", "adapters_served": 2}
+
+
+def test_many_adapters_report_rows_and_ratios():
+    from benchmarks.many_adapters import rows_of, targets
+
+    def row(system, n, tok, popularity="alpha"):
+        return {"system": system, "adapters": n, "popularity": popularity, "output_tokens_per_s": tok,
+                "ttft_s": {"p99": 1.0}, "requests": 10, "errors": 0, "startup_s": 100.0,
+                "ttft_p99_s_worst_adapter": 2.0}
+
+    docs = [{"args": {"alpha": 1.0, "max_loras": 128, "max_cpu_loras": 512, "engine_extra": "--specialize-active-lora"},
+             "results": [row("loraplex", 1, 1000.0), row("loraplex", 1000, 700.0), row("loraplex", 1000, 500.0, "uniform")]},
+            {"args": {"alpha": 1.0, "quantization": "bitsandbytes"}, "results": [row("vllm-documented", 1000, 350.0)]},
+            {"args": {"alpha": 1.0}, "results": [row("vllm-documented", 1000, 350.0)]}]
+    rows = [r for d in docs for r in rows_of(d)]
+    assert [(r["system"], r["quant"], r["popularity"]) for r in rows][2:4] == [
+        ("loraplex", "bf16", "uniform"), ("vllm-documented", "bnb4", "alpha1")]
+    assert rows[0]["engine_flags"] == "--max-loras 128 --max-cpu-loras 512 --specialize-active-lora"
+    got = {t: m for t, _, m in targets(rows)}
+    assert got["loraplex, 1000 adapters vs 1 adapter, alpha=1"].startswith("0.70x")
+    assert got["loraplex vs vllm-documented, 1000 adapters, alpha1"].startswith("2.00x")  # bf16 against bf16
+    assert got["loraplex vs vllm-same-slots, 1000 adapters, alpha1"] == "not measured"
