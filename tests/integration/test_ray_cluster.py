@@ -57,6 +57,21 @@ def tokens(r: httpx.Response) -> list[int]:
     return r.json()["choices"][0]["token_ids"]
 
 
+def every_engine_core() -> list[str]:
+    """Each engine-core process on the host with its status and ancestors: what a failed wait for a
+    replica's engine saw (once in CI, a replacement replica served while the wait found no engine
+    under the server's process tree)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if "EngineCore" in " ".join(p.cmdline()):
+                chain = " <- ".join(f"{a.pid}:{' '.join(a.cmdline())[:40]}" for a in p.parents()[:4])
+                out.append(f"{p.pid} ({p.status()}) <- {chain}")
+        except psutil.Error as e:
+            out.append(f"{p.pid}: {type(e).__name__}")
+    return out
+
+
 def engine_cores(server) -> list[psutil.Process]:
     """vLLM's engine-core processes under the replicas (running ones: a killed one is a zombie
     until its replica reaps it)."""
@@ -245,7 +260,7 @@ def test_killing_one_replicas_engine_mid_stream(ray_cluster, adapter_dirs):
         if len(alive) == 2:
             break
         time.sleep(2)
-    assert len(alive) == 2, "Ray did not bring the replica back"
+    assert len(alive) == 2, f"Ray did not bring the replica back; engine cores on this host: {every_engine_core()}"
     # Nothing in the registry or the store was damaged.
     assert registered() == adapters_before
     assert tokens(complete(ray_cluster, "tiny:survivor")) == before

@@ -205,7 +205,9 @@ def test_duplicate_name_is_409_and_keeps_the_original(cluster, alice):
     before = alice.get("/v1/adapters/dup").json()
     r = cluster.upload("alice", "dup", "a2")
     assert err(r, 409, "name")["code"] == "conflict"
-    assert alice.get("/v1/adapters/dup").json() == before
+    after = alice.get("/v1/adapters/dup").json()
+    # residency may move on (content the server accepted before is loaded in the background)
+    assert {**after, "residency": None} == {**before, "residency": None}
 
 
 def _multipart(cluster, name: str, *, close: bool = True) -> tuple[bytes, str]:

@@ -11,7 +11,12 @@ def _metric(client, name: str) -> float:
 
 
 def test_admin_loads_from_a_configured_root_and_unloads(cluster):
-    src = cluster.adapters["a3"]  # the session's adapter directory is a configured --lora-roots
+    from tests.tiny import make_adapter
+
+    # Under the session's adapter directory, a configured --lora-roots. Content this server has not
+    # seen, so it is judged now (the server registers content it has accepted before without
+    # loading it again in the request; README, "Refusal at upload").
+    src = make_adapter(cluster.base, cluster.adapters["a3"].parent / "compat-fresh", seed=31, r=8)
     with cluster.http("admin") as admin:
         loads = _metric(admin, "loraplex_adapter_load_duration_seconds_count")
         r = admin.post("/v1/load_lora_adapter", json={"lora_name": "from-disk", "lora_path": str(src)})
