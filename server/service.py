@@ -186,7 +186,7 @@ class Service:
         gone = []
         for key, rec in old.items():
             current = snapshot.get(key)
-            if (current is None or current.version != rec.version) and self.residency.get(rec.key) is not None:
+            if (current is None or current.version != rec.version) and self.residency.knows(rec.key):
                 gone.append(rec.key)
         return gone
 

@@ -44,7 +44,7 @@ import enum
 import itertools
 import logging
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -116,7 +116,8 @@ class ResidencyManager:
         waiting in vLLM's queue, before it is refused with :class:`AdapterCacheFull`."""
         self._freed = asyncio.Event()  # set whenever an adapter becomes idle (evictable)
         self._tasks: set[asyncio.Task] = set()  # background loads and removals, referenced until done
-        self._prefetch: deque[tuple[str, str, int, str | None, bool]] = deque()  # registered, not yet loaded
+        self._prefetch: OrderedDict[str, tuple[str, int, str | None, bool]] = OrderedDict()
+        """Registered versions waiting for a background load: key -> (path, size, digest, pinned)."""
         self._prefetcher: asyncio.Task | None = None
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # LRU order: oldest first
         self._waiting: Counter[str] = Counter()  # digests of cold admissions waiting for room
@@ -137,10 +138,15 @@ class ResidencyManager:
     def get(self, key: str) -> Entry | None:
         return self._entries.get(key)
 
+    def knows(self, key: str) -> bool:
+        """In the engine, on its way there, or queued for a background load (:meth:`prefetch`)."""
+        return key in self._entries or key in self._prefetch
+
     def digests(self) -> set[str]:
-        """Blobs vLLM may still need to read: an entry's (loading, loaded, or draining), and a
-        cold admission's that is still waiting for room (it has no entry yet)."""
-        return {e.digest for e in self._entries.values() if e.digest} | {d for d, n in self._waiting.items() if n}
+        """Blobs vLLM may still need to read: an entry's (loading, loaded, or draining), a cold
+        admission's that is still waiting for room (it has no entry yet), and a queued prefetch's."""
+        return ({e.digest for e in self._entries.values() if e.digest} | {d for d, n in self._waiting.items() if n}
+                | {d for _, _, d, _ in self._prefetch.values() if d})
 
     def new_lora_id(self) -> int:
         return next(self._ids)
@@ -228,6 +234,8 @@ class ResidencyManager:
             name = entry.key.split("/", 1)[-1].rsplit("@", 1)[0]
             entry.load.set_exception(_load_error(e, name))
             entry.load.exception()  # retrieved here: a load nobody waits on is not an asyncio warning
+            if entry.state is Residency.DRAINING and self.on_drained is not None:
+                self.on_drained(entry.key)  # retired while it loaded: it has left the engine, never having entered
             return
         if entry.state is Residency.LOADING:
             entry.state = Residency.LOADED
@@ -265,7 +273,7 @@ class ResidencyManager:
         reaches the engine, so that a registration's validation load or a request's cold load
         waits behind at most one of them, not behind every adapter just registered. An adapter
         a request asks for first is loaded for it as usual."""
-        self._prefetch.append((key, path, size_bytes, digest, pinned))
+        self._prefetch[key] = (path, size_bytes, digest, pinned)
         if self._prefetcher is None or self._prefetcher.done():
             self._prefetcher = asyncio.get_running_loop().create_task(self._prefetch_all())
             self._tasks.add(self._prefetcher)
@@ -278,13 +286,14 @@ class ResidencyManager:
 
     async def _prefetch_all(self) -> None:
         while self._prefetch:
-            key, path, size_bytes, digest, pinned = self._prefetch.popleft()
-            if key in self._entries or self._over(size_bytes):
-                continue  # asked for meanwhile, or no room: it loads on first use
+            key, (path, size_bytes, digest, pinned) = self._prefetch.popitem(last=False)
+            if key in self._entries or self._over(size_bytes) or self._waiting:
+                continue  # asked for meanwhile, or its room is wanted: it loads on first use
             entry = Entry(key, self.new_lora_id(), path, size_bytes, digest=digest, pinned=pinned)
             entry.load = asyncio.get_running_loop().create_future()
             self._entries[key] = entry
             await self._load(entry)
+            self._freed.set()  # idle once loaded: an admission waiting for room may take its place
 
     def _in_background(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -335,6 +344,7 @@ class ResidencyManager:
 
     async def retire(self, key: str) -> None:
         """Take a version out of service: immediately if idle, else after its last request."""
+        self._prefetch.pop(key, None)
         entry = self._entries.get(key)
         if entry is None:
             return
@@ -351,6 +361,8 @@ class ResidencyManager:
         await self._unload(entry)
 
     def set_pinned(self, key: str, pinned: bool) -> None:
+        if (queued := self._prefetch.get(key)) is not None:
+            self._prefetch[key] = (*queued[:3], pinned)
         entry = self._entries.get(key)
         if entry is None:
             return

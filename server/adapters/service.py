@@ -368,6 +368,7 @@ class AdapterService:
     async def _retire(self, old: AdapterRecord) -> None:
         """A replaced version: out of service now, its row and blob reclaimed once it drains."""
         if self.residency.get(old.key) is None:
+            await self.residency.retire(old.key)  # drops a background load still queued for it
             await self._reclaim(old)
             return
         self._retiring[old.key] = old

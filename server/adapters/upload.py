@@ -222,6 +222,11 @@ def _checked_header(path: Path) -> dict[str, dict]:
     return tensors
 
 
+TINY_NORM = 1e-15
+"""Below this a float32 norm may have lost values whose squares underflow (under 1e-22 or so), and
+a huge lora_A paired with such a lora_B would pass the gain check: taken again in float64."""
+
+
 def _tensor_norms(path: Path, header: Mapping[str, dict]) -> dict[str, float]:
     """Every tensor's Frobenius norm, after checking that every value is finite in float32, the
     precision vLLM computes LoRA in at most (a NaN or inf in one tenant's weights turns its
@@ -229,8 +234,8 @@ def _tensor_norms(path: Path, header: Mapping[str, dict]) -> dict[str, float]:
     next requests to use it). One tensor in memory at a time; shapes were checked from the header.
 
     One pass over the values: the norm, taken in float32, is finite exactly when every value is
-    and no square overflows; only a tensor that fails is looked at again (for NaN, then in
-    float64). (Casting to float32, then isfinite, then a float64 norm took 8 times as long:
+    and no square overflows; only a tensor whose norm is not finite, or tiny, is looked at again
+    (for NaN, then in float64). (Casting to float32, then isfinite, then a float64 norm took 8 times as long:
     about a second per 80 MiB adapter, for each of the hundreds a platform registers.)"""
     import torch
     from safetensors import safe_open
@@ -245,11 +250,10 @@ def _tensor_norms(path: Path, header: Mapping[str, dict]) -> dict[str, float]:
                 if list(tensor.shape) != header[key]["shape"]:
                     raise _corrupted(f"tensor {key!r} is not the shape its header gives")
                 norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float32))
-                if not math.isfinite(norm):
-                    if not bool(torch.isfinite(tensor).all()):
-                        raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values (in float32)",
-                                              field=WEIGHTS)
-                    norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))  # squares past float32
+                if not math.isfinite(norm) and not bool(torch.isfinite(tensor).all()):
+                    raise AdapterRejected(f"tensor {key!r} holds NaN or infinite values (in float32)", field=WEIGHTS)
+                if not math.isfinite(norm) or norm < TINY_NORM:  # squares past float32's range, or under it
+                    norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
                     if not math.isfinite(norm):
                         raise AdapterRejected(f"tensor {key!r} has values too large to compute with", field=WEIGHTS)
                 norms[key] = norm

@@ -268,3 +268,52 @@ def test_a_prefetch_vllm_refuses_leaves_nothing():
         assert r.entries() == []
 
     asyncio.run(main())
+
+
+def test_a_queued_prefetch_follows_retire_and_unpin_and_keeps_its_blob():
+    async def main():
+        engine = Engine()
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=4)
+        busy = await r.acquire("t/a@1", "/a", 1)  # the prefetcher has not run yet: b and c stay queued
+        r.prefetch("t/b@1", "/b", 1, digest="db", pinned=True)
+        r.prefetch("t/c@1", "/c", 1, digest="dc", pinned=True)
+        assert r.knows("t/b@1") and {"db", "dc"} <= r.digests()  # a queued load's blob is not reclaimed
+        await r.retire("t/b@1")  # replaced or deleted before its turn: never loaded
+        r.set_pinned("t/c@1", False)
+        await r.prefetched()
+        assert r.get("t/b@1") is None and not r.knows("t/b@1") and "db" not in r.digests()
+        assert r.get("t/c@1").pinned is False
+        r.release(busy)
+
+    asyncio.run(main())
+
+
+def test_a_prefetch_gives_way_to_an_admission_waiting_for_room():
+    async def main():
+        r = ResidencyManager(Engine(), budget_bytes=10, max_entries=1, admission_timeout_s=5)
+        busy = await r.acquire("t/a@1", "/a", 1)
+        waiting = asyncio.create_task(r.acquire("t/b@1", "/b", 1, digest="db"))
+        await asyncio.sleep(0)
+        r.release(busy)  # room for one: the waiting request's, not a prefetch's
+        r.prefetch("t/c@1", "/c", 1)
+        await r.prefetched()
+        b = await asyncio.wait_for(waiting, 1)
+        assert r.get("t/c@1") is None and b.state is Residency.LOADED
+        r.release(b)
+
+    asyncio.run(main())
+
+
+def test_a_version_retired_while_its_load_fails_is_reported_drained():
+    async def main():
+        engine = Engine(refuse={"/a"}, delay=0.01)
+        r = ResidencyManager(engine, budget_bytes=10, max_entries=2)
+        drained = []
+        r.on_drained = drained.append
+        r.prefetch("t/a@1", "/a", 1)
+        await asyncio.sleep(0)  # its load is under way
+        await r.retire("t/a@1")
+        await r.prefetched()
+        assert drained == ["t/a@1"] and r.entries() == []
+
+    asyncio.run(main())

@@ -188,6 +188,13 @@ def _scaled(factor, *, f64=False):
     return adapter_files(tensors=tensors)
 
 
+def _huge_a_tiny_b():
+    """lora_A's squares overflow float32 and lora_B's underflow it: a float32 norm alone would
+    make B's 0 and the gain 0."""
+    tensors = {k: v * (1e30 if "lora_A" in k else 1e-24) for k, v in lora_tensors().items()}
+    return adapter_files(tensors=tensors)
+
+
 def _config_without(key):
     import json as _json
 
@@ -243,6 +250,7 @@ REJECTED = {
                                   "target_modules", "non-empty list of module names"),
     "q_proj under mlp": (dict(files=_misplaced), "adapter_model.safetensors", "vLLM would silently drop it"),
     "weights scaled by 1e37": (dict(files=lambda: _scaled(1e37)), "adapter_model.safetensors", "amplify its input"),
+    "huge lora_A, vanishing lora_B": (dict(files=_huge_a_tiny_b), "adapter_model.safetensors", "amplify its input"),
     "float64 weights beyond float32": (dict(files=lambda: _scaled(1e300, f64=True)), "adapter_model.safetensors",
                                        "NaN or infinite values (in float32)"),
     "pickle .bin": (dict(files=lambda: {**_good(), "adapter_model.bin": b"\x80\x04K\x01."}), "files", "pickle"),
