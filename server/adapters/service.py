@@ -47,8 +47,8 @@ from server.tenants.store import Principal, TenantStore
 logger = logging.getLogger(__name__)
 
 ACCEPTED_DIGESTS = 4096
-"""Verdicts remembered: digests of content that passed loraplex's rules and vLLM's loader in this
-process, so that registering the same bytes again (a platform's many copies of one adapter, an
+"""Verdicts remembered: (tenant, digest) of content that passed loraplex's rules and vLLM's loader
+in this process, so that registering the same bytes again (a platform's many copies of one adapter, an
 upload retried) costs a hash and a row."""
 
 
@@ -67,8 +67,8 @@ class AdapterService:
         self.gc_grace_s = settings.adapter_gc_grace_s
         self._store_lock = asyncio.Lock()  # put + register, and gc: a blob is never live-but-unregistered
         self._validate_lock = asyncio.Lock()  # one validation load at a time: the engine has one spare slot
-        self._accepted: OrderedDict[str, AdapterInfo] = OrderedDict()  # digest -> what validation found
-        self._judging: dict[str, asyncio.Future] = {}  # digests being validated now, awaited by their copies
+        self._accepted: OrderedDict[tuple[str, str], AdapterInfo] = OrderedDict()  # (tenant, digest) -> verdict
+        self._judging: dict[tuple[str, str], asyncio.Future] = {}  # being validated now, awaited by copies
         self._retiring: dict[str, AdapterRecord] = {}  # replaced versions still serving requests
         self._tasks: set[asyncio.Task] = set()  # reclaims in flight, referenced until done
         self.uploads = UploadSlots(settings, store.free_bytes)
@@ -109,8 +109,8 @@ class AdapterService:
                   replace: bool = False, refusal_field: str = "files") -> AdapterRecord:
         """Validate, have vLLM load, store and register a staged upload; on any failure nothing is kept.
 
-        Content this process has already seen pass loraplex's rules and vLLM's loader (the same
-        digest: the same bytes, the same verdict) skips both, and with them the engine: it is
+        Content this process has already seen pass loraplex's rules and vLLM's loader for the same
+        tenant (the same digest: the same bytes, the same verdict) skips both, and with them the engine: it is
         stored and registered at once, and loaded into the host tier in the background where
         there is room without evicting anything."""
         ns = self.check_upload(principal, name, tenant, replace=replace)
@@ -120,7 +120,8 @@ class AdapterService:
         # of hundreds of MB must not stall the streams being served.
         digest = await asyncio.to_thread(staged.finish)
         t_hash = time.perf_counter()
-        info, judging = await self._verdict(digest)
+        verdict = (ns, digest)  # per tenant: no tenant can time whether another sent these bytes
+        info, judging = await self._verdict(verdict)
         known = info is not None
         try:
             if not known:
@@ -137,7 +138,7 @@ class AdapterService:
                 lora_id = None if known else await self._validate_in_engine(staged.dir, refusal_field)
                 load_seconds = time.perf_counter() - t_engine
                 if not known:
-                    self._accept(digest, info, judging)
+                    self._accept(verdict, info, judging)
                 t_store = time.perf_counter()
                 try:
                     new, old = await self._store_and_register(principal, ns, name, staged, digest, info, replace)
@@ -153,7 +154,7 @@ class AdapterService:
                     await self._drop_from_engine(lora_id)  # no room without waiting: it loads on first use
         finally:
             if judging is not None:
-                self._judged(digest, judging)
+                self._judged(verdict, judging)
         logger.info("registered %s in %.2f s (hash %.2f, rules %.2f, vLLM %.2f, store %.2f)%s", new.key,
                     time.perf_counter() - t0, t_hash - t0, t_validate - t_hash, 0.0 if known else load_seconds,
                     time.perf_counter() - t_store, "; content already accepted" if known else "")
@@ -162,33 +163,34 @@ class AdapterService:
         await self.changed()
         return new
 
-    async def _verdict(self, digest: str) -> tuple[AdapterInfo | None, asyncio.Future | None]:
-        """What validation found for this content, if this process knows: ``(info, None)``.
+    async def _verdict(self, key: tuple[str, str]) -> tuple[AdapterInfo | None, asyncio.Future | None]:
+        """What validation found for this content (``key``: the tenant and the digest), if this
+        process knows: ``(info, None)``.
         Content another registration is judging right now waits for that verdict (copies of one
         adapter registered at once are judged once). Otherwise ``(None, judging)``: this
         registration judges it, and must pass ``judging`` to :meth:`_accept` or :meth:`_judged`."""
         while True:
-            if (info := self._accepted.get(digest)) is not None:
+            if (info := self._accepted.get(key)) is not None:
                 return info, None
-            pending = self._judging.get(digest)
+            pending = self._judging.get(key)
             if pending is None:
                 judging = asyncio.get_running_loop().create_future()
-                self._judging[digest] = judging
+                self._judging[key] = judging
                 return None, judging
             await asyncio.shield(pending)  # refused or failed: the next turn judges this copy itself
 
-    def _accept(self, digest: str, info: AdapterInfo, judging: asyncio.Future | None) -> None:
-        self._accepted[digest] = info
+    def _accept(self, key: tuple[str, str], info: AdapterInfo, judging: asyncio.Future | None) -> None:
+        self._accepted[key] = info
         while len(self._accepted) > ACCEPTED_DIGESTS:
             self._accepted.popitem(last=False)
         if judging is not None:
-            self._judged(digest, judging)
+            self._judged(key, judging)
 
-    def _judged(self, digest: str, judging: asyncio.Future) -> None:
+    def _judged(self, key: tuple[str, str], judging: asyncio.Future) -> None:
         """The judging of this content ended (accepted, refused, or cut short): wake the copies
         that wait on it."""
-        if self._judging.get(digest) is judging:
-            del self._judging[digest]
+        if self._judging.get(key) is judging:
+            del self._judging[key]
         if not judging.done():
             judging.set_result(None)
 

@@ -190,3 +190,16 @@ def test_copies_registered_at_once_are_judged_once_and_a_refusal_is_each_copys_o
     outcomes = asyncio.run(refused())
     assert all(isinstance(o, AdapterRejected) for o in outcomes)
     assert len(refusing.names) == 3 and service.store.digests() == set()  # each copy asked vLLM itself
+
+
+def test_a_verdict_is_one_tenants_own(tmp_path):
+    """Another tenant's copy of accepted bytes is judged again, as fresh content would be: no tenant
+    can time whether another already sent an adapter."""
+    engine = Engine()
+    service, admin, src = make(tmp_path, engine)
+    asyncio.run(service.adapters.load_from_path(admin, "first", src))
+    key = service.tenants.create("other", Role.TENANT)
+    other = asyncio.run(service.authenticate(f"Bearer {key}"))
+    asyncio.run(service.adapters.upload(other, "mine", files=uploads(adapter_files())))
+    asyncio.run(service.adapters.upload(other, "again", files=uploads(adapter_files())))
+    assert sum(n.startswith("validate-") for n in engine.names) == 2  # once per tenant
