@@ -129,6 +129,18 @@ class AdapterRegistry:
             raise not_found(name)
         return _record(row)
 
+    def find(self, tenant: str, name: str) -> AdapterRecord | None:
+        """The ACTIVE version of ``tenant``'s adapter ``name``, or None (one indexed row, not a list)."""
+        row = self._db.query_one("SELECT * FROM adapters WHERE tenant = ? AND name = ? AND status = 'active'",
+                                 (tenant, name))
+        return None if row is None else _record(row)
+
+    def count(self, tenant: str) -> int:
+        """How many ACTIVE adapters ``tenant`` has."""
+        row = self._db.query_one("SELECT COUNT(*) AS n FROM adapters WHERE tenant = ? AND status = 'active'",
+                                 (tenant,))
+        return row["n"]
+
     def list(self, tenant: str) -> list[AdapterRecord]:
         """``tenant``'s ACTIVE adapters, by name."""
         rows = self._db.query("SELECT * FROM adapters WHERE tenant = ? AND status = 'active' ORDER BY name", (tenant,))

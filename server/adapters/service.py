@@ -245,11 +245,12 @@ class AdapterService:
         return self.tenants.get(ns).quotas if ns != principal.tenant else principal.quotas
 
     def _check_new(self, tenant: str, name: str, quotas) -> None:
-        active = self.registry.list(tenant)
-        if any(r.name == name for r in active):
+        # Indexed lookups, not a listing: this runs on the event loop for every registration, and
+        # converting a tenant's 1000 rows took 23 ms (46 of 57 s registering 1000 adapters).
+        if self.registry.find(tenant, name) is not None:
             raise Conflict(f"adapter {name!r} already exists; PUT /v1/adapters/{name} replaces it", field="name")
-        if len(active) >= quotas.max_adapters:
-            raise QuotaExceeded(f"tenant {tenant!r} has {len(active)} adapters, its quota is {quotas.max_adapters}",
+        if (count := self.registry.count(tenant)) >= quotas.max_adapters:
+            raise QuotaExceeded(f"tenant {tenant!r} has {count} adapters, its quota is {quotas.max_adapters}",
                                 field="name")
 
     async def load_from_path(self, principal: Principal, name: str, path: str, tenant: str | None = None, *,
@@ -273,7 +274,7 @@ class AdapterService:
         if not is_dir:
             raise InvalidArgument(f"lora_path {path!r} is not a directory", field="lora_path")
         ns = self.namespace(principal, tenant)
-        replace = replace and any(r.name == name for r in self.registry.list(ns))
+        replace = replace and self.registry.find(ns, name) is not None
         self.check_upload(principal, name, tenant, replace=replace)
         size = await asyncio.to_thread(_dir_bytes, real)
         async with self.staging(principal, reserve=size, field="lora_path") as staged:
@@ -294,7 +295,7 @@ class AdapterService:
             src = Path(path).resolve()
             if not src.is_dir():
                 raise InvalidArgument(f"--lora-modules {spec!r}: {path} is not a directory", field="lora_modules")
-            existing = {r.name: r for r in self.registry.list(tenant)}.get(name)
+            existing = self.registry.find(tenant, name)
             size = await asyncio.to_thread(_dir_bytes, src)
             async with self.staging(operator, reserve=size, field="lora_modules") as staged:
                 await asyncio.to_thread(copy_dir, src, staged)

@@ -31,6 +31,19 @@ def test_add_then_get(registry):
     assert (record.rank, record.target_modules, record.pinned) == (8, ("q_proj", "v_proj"), False)
 
 
+def test_find_and_count_see_only_the_tenants_active_versions(registry):
+    """What an upload is checked against before its bytes are read (one row, not a listing)."""
+    registry.add("acme", "bot", D1, INFO, max_adapters=10)
+    registry.add("acme", "gone", D1, INFO, max_adapters=10)
+    new, old = registry.replace("acme", "bot", D2, INFO)
+    registry.delete("acme", "gone")
+    registry.add("globex", "bot", D3, INFO, max_adapters=10)
+    assert registry.find("acme", "bot") == new and old.version == 1 and new.version == 2
+    assert registry.find("acme", "gone") is None and registry.find("acme", "nope") is None
+    assert registry.count("acme") == 1 == len(registry.list("acme"))
+    assert registry.count("globex") == 1 and registry.count("initech") == 0
+
+
 def test_names_are_per_tenant(registry):
     registry.add("acme", "bot", D1, INFO, max_adapters=10)
     registry.add("globex", "bot", D2, INFO, max_adapters=10)
