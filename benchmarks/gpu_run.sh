@@ -13,12 +13,20 @@
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh mixed loraplex vllm   # ~3 min each, no setup needed
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh corpus                # ~2 min
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh many SYSTEM [bnb4]    # ~5-8 min each, after setup
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh tune                  # LoRA kernel configs, ~4 min
+#   . /root/kit/env.sh && KERNELS=DIR bash benchmarks/gpu_run.sh many SYSTEM   # with tuned LoRA kernels
 #
 # `many` is issue 22's run (benchmarks/many_adapters.py): 1, 32 and 1000 adapters under power-law
 # (alpha=1) and uniform popularity, one system per call: vllm-documented (raw vLLM, its documented
 # --max-loras 32 --max-cpu-loras 256), loraplex (the slots, host tier and graphs loraplex runs
 # with), vllm-same-slots (raw vLLM given those same options), loraplex-documented (loraplex on
 # vLLM's documented flags). Then, here: python benchmarks/many_adapters.py many-*.json --out DIR.
+#
+# `tune` searches vLLM's LoRA shrink/expand kernel block sizes for this card and the 8B shape
+# (benchmarks/lora_kernels.py) and writes them to $BENCH_WORK/lora-kernels in the format of vLLM's
+# VLLM_TUNED_CONFIG_FOLDER; KERNELS=DIR hands such a folder to the engine of a `many` run (tag -tuned),
+# KERNELS=off runs loraplex on vLLM's default kernels (tag -untuned). MANY_ADAPTERS="1 1000" and
+# POPULARITY=alpha shorten a `many` run.
 #
 # `mixed` and `corpus` are the engine-safety checks on this vLLM line: base and adapter requests
 # mixed under LoRA slot churn, each compared with its own model's answer (benchmarks/mixed_traffic.py;
@@ -81,9 +89,14 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
       *) echo "many: vllm-documented | loraplex | vllm-same-slots | loraplex-documented" >&2; exit 2 ;;
     esac
     tag=$which${2:+-$2}
+    case ${KERNELS:-} in
+      "") ;;
+      off) export LORAPLEX_LORA_KERNEL_CONFIGS=off; unset VLLM_TUNED_CONFIG_FOLDER; tag=$tag-untuned ;;
+      *) export VLLM_TUNED_CONFIG_FOLDER=$KERNELS; tag=$tag-tuned ;;
+    esac
     touch "$W/.mark"
-    timeout -k 10 "${BENCH_TIMEOUT:-570}" python3 benchmarks/compare.py --base "$M" --adapters 1 32 1000 --one-server \
-      --alpha 1 --popularity alpha uniform --distinct-weights 64 --pool "$W/adapters" \
+    timeout -k 10 "${BENCH_TIMEOUT:-570}" python3 benchmarks/compare.py --base "$M" --adapters ${MANY_ADAPTERS:-1 32 1000} \
+      --one-server --alpha 1 --popularity ${POPULARITY:-alpha uniform} --distinct-weights 64 --pool "$W/adapters" \
       --duration "${BENCH_DURATION:-30}" --concurrency 128 --processes 8 --input-len 256 --output-len 128 \
       --max-model-len 2048 --kv-cache-bytes $((16 << 30)) "${sys[@]}" "${quant[@]}" --label "$which" \
       --work "$W/many-$tag" --out "$W/results/many-$tag" 2>&1 | grep -v "kernels-community" | tee "$OUT/many-$tag.log"
@@ -94,6 +107,11 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     done
     nvidia-smi --query-compute-apps=pid --format=csv,noheader | xargs -r kill -9 2>/dev/null
     nvidia-smi --query-gpu=memory.used --format=csv
+    ;;
+  tune)
+    timeout 420 python3 benchmarks/lora_kernels.py --shape llama-3.1-8b --rank 16 --max-loras 128 \
+      --budget-s "${TUNE_BUDGET:-240}" --out "$W/lora-kernels" 2>&1 | grep -v "kernels-community" | tee "$OUT/tune.log"
+    mkdir -p "$OUT/lora-kernels" && cp "$W/lora-kernels"/* "$OUT/lora-kernels/"
     ;;
   mixed)  # mixed SYSTEM...: loraplex and/or vllm
     for system in "$@"; do
@@ -109,7 +127,7 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     tail -n 1 "$OUT/refused_corpus.log"
     ;;
   *)
-    echo "usage: gpu_run.sh setup | many SYSTEM [bnb4] | mixed SYSTEM... | corpus | {bf16|bnb4} SYSTEM..." >&2
+    echo "usage: gpu_run.sh setup | tune | many SYSTEM [bnb4] | mixed SYSTEM... | corpus | {bf16|bnb4} SYSTEM..." >&2
     exit 2
     ;;
 esac

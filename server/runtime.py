@@ -78,7 +78,8 @@ def build(settings: Settings, *, engine=None, shared: bool = False) -> Service:
             kv_cache_dtype=settings.kv_cache_dtype, max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_prefix_caching=settings.enable_prefix_caching, tensor_parallel_size=settings.tensor_parallel_size,
-            fully_sharded_loras=settings.fully_sharded_loras, extra=tuple(sorted(settings.engine_args.items()))))
+            fully_sharded_loras=settings.fully_sharded_loras, lora_kernel_configs=settings.lora_kernel_configs,
+            extra=tuple(sorted(settings.engine_args.items()))))
         engine.start()
     tool_parser = None
     if settings.enable_auto_tool_choice:

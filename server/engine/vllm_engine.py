@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from server.engine import lora_kernels
 from server.engine.types import Completion, Sampling, TokenLogprob
 from server.errors import EngineNotReady, InvalidArgument
 
@@ -72,6 +73,14 @@ def on_gpu() -> bool:
     return current_platform.is_cuda_alike()
 
 
+def _gpu_name() -> str | None:
+    if not on_gpu():
+        return None
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def vllm_version() -> str:
     import vllm
 
@@ -98,6 +107,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     fully_sharded_loras: bool = False
+    lora_kernel_configs: str = "auto"
     extra: tuple[tuple[str, object], ...] = ()
     """Any other AsyncEngineArgs field, from vLLM's own parser (:func:`parse_engine_args`)."""
 
@@ -209,6 +219,7 @@ class VllmEngine:
                 f"--quantization {o.quantization!r} is not offered by the installed vLLM {vllm_version()}; "
                 f"it offers: {', '.join(available_quantizations())}")
         _enable_patches()
+        lora_kernels.apply(o.lora_kernel_configs, _gpu_name())
         kv = o.kv_cache_bytes
         if kv is None and not on_gpu():
             kv = 1 << 30  # on CPU vLLM would otherwise reserve a fraction of host RAM

@@ -1,0 +1,66 @@
+"""Tuned block sizes for vLLM's multi-LoRA Triton kernels, per card.
+
+vLLM 0.25.1 runs its LoRA shrink and expand kernels with one default config for every shape.
+Their grids launch one block per (token block, output block, slice, active adapter), so a
+decode batch spread over many distinct adapters launches mostly empty blocks, and the step
+slows with every adapter it holds. ``benchmarks/lora_kernels.py`` times the real kernels on a
+card and writes the block sizes that win, in the format vLLM reads from the folder named by
+``VLLM_TUNED_CONFIG_FOLDER`` (``{GPU}_SHRINK.json``, ``{GPU}_EXPAND_{TRUE,FALSE}.json``);
+``configs/`` holds those loraplex ships. This module only decides which folder the engine
+gets: vLLM does the lookup (nearest batch size, shape and slot count).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ENV = "VLLM_TUNED_CONFIG_FOLDER"
+BUNDLED = Path(__file__).parent / "configs"
+
+
+def file_prefix(gpu_name: str) -> str:
+    """vLLM's file-name form of ``torch.cuda.get_device_name()``."""
+    return gpu_name.replace(" ", "_").replace("-", "_")
+
+
+def has_configs(folder: Path, gpu_name: str) -> bool:
+    return (folder / f"{file_prefix(gpu_name)}_SHRINK.json").is_file()
+
+
+def resolve(choice: str, gpu_name: str | None, environ: dict[str, str] | None = None) -> str | None:
+    """The folder vLLM should read LoRA kernel configs from, or None for vLLM's defaults.
+
+    ``choice`` is ``--lora-kernel-configs``: ``auto`` takes ``VLLM_TUNED_CONFIG_FOLDER`` if the
+    environment sets it, else the bundled folder when it has this card's configs; ``off`` takes
+    vLLM's defaults; anything else is a folder. ``gpu_name`` is None off CUDA."""
+    environ = os.environ if environ is None else environ
+    if choice == "off" or gpu_name is None:
+        return None
+    if choice != "auto":
+        return choice
+    if environ.get(ENV):
+        return environ[ENV]
+    return str(BUNDLED) if has_configs(BUNDLED, gpu_name) else None
+
+
+def apply(choice: str, gpu_name: str | None) -> str | None:
+    """Set (or clear) ``VLLM_TUNED_CONFIG_FOLDER`` for the engine processes about to start.
+    Off CUDA (``gpu_name`` None) there are no Triton kernels, and the environment is left alone."""
+    if gpu_name is None:
+        return None
+    folder = resolve(choice, gpu_name)
+    if folder is None:
+        os.environ.pop(ENV, None)
+        logger.info("LoRA kernels: vLLM's default configs (%s)", "--lora-kernel-configs off" if choice == "off"
+                    else f"none tuned for {gpu_name}")
+        return None
+    os.environ[ENV] = folder
+    if not has_configs(Path(folder), gpu_name):
+        logger.warning("LoRA kernels: %s has no configs for %s; vLLM uses its defaults", folder, gpu_name)
+    else:
+        logger.info("LoRA kernels: tuned configs for %s from %s", gpu_name, folder)
+    return folder

@@ -1,0 +1,118 @@
+"""Tuned LoRA kernel configs: the tuner's choice, the files it writes as vLLM's own loader reads
+them, the configs loraplex ships, and which folder the engine is given."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks import lora_kernels as tuner
+from benchmarks.models import SHAPES
+from server.engine import lora_kernels
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture
+def vllm_loader(monkeypatch):
+    """vLLM's get_lora_op_configs, reading VLLM_TUNED_CONFIG_FOLDER afresh, on a named card."""
+    import torch
+    from vllm.lora.ops.triton_ops import utils
+
+    def use(folder, gpu=H100):
+        monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(folder))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu)
+        utils.load_lora_op_config.cache_clear()
+        utils.get_lora_op_configs.cache_clear()
+        return utils.get_lora_op_configs
+
+    yield use
+    utils.load_lora_op_config.cache_clear()
+    utils.get_lora_op_configs.cache_clear()
+
+
+def _timings(fast: int, tradeoff: int) -> dict:
+    """Every module, op and batch: candidate ``fast`` takes half the default's time at every
+    adapter count; ``tradeoff`` a fifth at many adapters but 1.2x at one."""
+    out = {}
+    for name in tuner.modules(SHAPES["llama-3.1-8b"]):
+        for op, cands in (("shrink", tuner.SHRINK), ("expand", tuner.EXPAND)):
+            for m in tuner.BATCHES:
+                counts = [a for a in tuner.ADAPTERS if a <= m]
+                row = {"default": {a: 100.0 for a in counts}}
+                for i, c in enumerate(cands):
+                    f = {fast: lambda a: 0.5, tradeoff: lambda a: 1.2 if a == 1 else 0.2}.get(i, lambda a: 1.1)
+                    row[json.dumps(c, sort_keys=True)] = {a: 100.0 * f(a) for a in counts}
+                out[(name, op, m)] = row
+    return out
+
+
+def test_a_config_slower_at_any_adapter_count_is_not_chosen():
+    row = {"default": {1: 10.0, 64: 100.0}, "a": {1: 12.0, 64: 20.0}, "b": {1: 10.1, 64: 60.0},
+           "c": {1: 9.0}}  # c was not measured at 64 adapters (budget ran out)
+    assert tuner.choose(row, "default") == "b"
+    assert tuner.choose({"default": {1: 1.0}, "a": {1: 1.5}}, "default") == "default"
+
+
+def test_tuned_files_are_read_back_by_vllm_for_every_layer_of_the_shape(tmp_path, vllm_loader):
+    shape = SHAPES["llama-3.1-8b"]
+    timings = _timings(fast=3, tradeoff=5)
+    # candidate 3 was not timed at 4 adapters for down_proj's shrink at 64 tokens: the default stays there
+    timings[("down", "shrink", 64)][json.dumps(tuner.SHRINK[3], sort_keys=True)].pop(4)
+    chosen, summary = tuner.report(shape, 16, 128, timings, tuner.vllm_default(16, 128))
+    down_64 = ("shrink", "1", 64, "14336", "16")
+    assert chosen[down_64]["split_k"] == 64 and chosen[down_64]["block_k"] == 256  # vLLM's default, written out
+    assert all(c in (tuner.SHRINK[3], tuner.EXPAND[3]) for key, c in chosen.items() if key != down_64)
+    assert summary["lora_ms_per_forward_pass"]["m=128 adapters=64"]["speedup"] == 2.0
+    tuner.write_configs(tmp_path, lora_kernels.file_prefix(H100), 128, chosen)
+    get = vllm_loader(tmp_path)
+    # the lookups vLLM's ops make for each layer of the 8B shape: (hidden_size, rank, slices)
+    assert get("shrink", 129, 64, 14336, 16, 1)["split_k"] == 64  # not o_proj's, the key nearest in k
+    for m in (1, 7, 128, 300, 8192):
+        assert get("shrink", 129, m, 4096, 16, 3) == tuner.SHRINK[3]  # qkv
+        assert m == 64 or get("shrink", 129, m, 14336, 16, 1) == tuner.SHRINK[3]  # down
+        assert get("expand", 129, m, 14336, 16, 2, add_inputs=True) == tuner.EXPAND[3]  # gate_up
+        assert get("expand", 129, m, 4096, 16, 1, add_inputs=False) == tuner.EXPAND[3]  # o, down (dual stream)
+    # another slot count or card: nearest slot count; a card with no file gets vLLM's defaults
+    assert get("expand", 33, 128, 4096, 16, 3, add_inputs=True) == tuner.EXPAND[3]
+    get = vllm_loader(tmp_path, gpu="NVIDIA A100-SXM4-80GB")
+    assert get("expand", 129, 128, 4096, 16, 3, add_inputs=True)["block_m"] == 64
+
+
+def test_bundled_configs_cover_every_layer_they_name(vllm_loader):
+    files = sorted(lora_kernels.BUNDLED.glob("*_SHRINK.json"))
+    assert files, "loraplex ships tuned configs for at least one card"
+    for f in files:
+        gpu = f.name.removesuffix("_SHRINK.json").replace("_", " ")
+        get = vllm_loader(lora_kernels.BUNDLED, gpu=gpu)
+        for add in (True, False):
+            assert (lora_kernels.BUNDLED / f"{lora_kernels.file_prefix(gpu)}_EXPAND_{str(add).upper()}.json").is_file()
+        for m in (1, 128, 8192):
+            for op, k, slices in (("shrink", 4096, 3), ("shrink", 14336, 1), ("expand", 14336, 2),
+                                  ("expand", 4096, 1)):
+                cfg = get(op, 129, m, k, 16, slices, add_inputs=True if op == "expand" else None)
+                assert {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"} <= cfg.keys()
+                if op == "shrink":
+                    assert cfg["split_k"] >= 1
+
+
+def test_which_folder_the_engine_gets(tmp_path):
+    env = {"VLLM_TUNED_CONFIG_FOLDER": "/mine"}
+    assert lora_kernels.resolve("auto", H100, env) == "/mine"  # the user's environment wins under auto
+    assert lora_kernels.resolve("off", H100, env) is None
+    assert lora_kernels.resolve(str(tmp_path), H100, env) == str(tmp_path)
+    assert lora_kernels.resolve("auto", None, env) is None  # no CUDA: no Triton kernels
+    assert lora_kernels.resolve("auto", "A card loraplex has no configs for", {}) is None
+    shipped = next(lora_kernels.BUNDLED.glob("*_SHRINK.json")).name.removesuffix("_SHRINK.json")
+    assert lora_kernels.resolve("auto", shipped.replace("_", " "), {}) == str(lora_kernels.BUNDLED)
+
+
+def test_the_engine_processes_get_the_folder_through_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")
+    assert lora_kernels.apply("auto", None) is None and os.environ["VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
+    assert lora_kernels.apply("off", H100) is None and "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    assert lora_kernels.apply(str(tmp_path), H100) == str(tmp_path) == os.environ["VLLM_TUNED_CONFIG_FOLDER"]
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+    assert lora_kernels.apply("auto", H100) == str(lora_kernels.BUNDLED) == os.environ["VLLM_TUNED_CONFIG_FOLDER"]
