@@ -13,7 +13,7 @@
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh mixed loraplex vllm   # ~3 min each, no setup needed
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh corpus                # ~2 min
 #   . /root/kit/env.sh && bash benchmarks/gpu_run.sh many SYSTEM [bnb4]    # ~5-8 min each, after setup
-#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh tune                  # LoRA kernel configs, ~4 min
+#   . /root/kit/env.sh && bash benchmarks/gpu_run.sh tune                  # LoRA kernel configs, 1-4 min
 #   . /root/kit/env.sh && KERNELS=DIR bash benchmarks/gpu_run.sh many SYSTEM   # with tuned LoRA kernels
 #
 # `many` is issue 22's run (benchmarks/many_adapters.py): 1, 32 and 1000 adapters under power-law
@@ -25,7 +25,8 @@
 # `tune` searches vLLM's LoRA shrink/expand kernel block sizes for this card and the 8B shape
 # (benchmarks/lora_kernels.py) and writes them to $BENCH_WORK/lora-kernels in the format of vLLM's
 # VLLM_TUNED_CONFIG_FOLDER; KERNELS=DIR hands such a folder to the engine of a `many` run (tag -tuned),
-# KERNELS=off runs loraplex on vLLM's default kernels (tag -untuned). MANY_ADAPTERS="1 1000" and
+# KERNELS=off runs on vLLM's default kernels (tag -untuned). Without KERNELS, loraplex takes its
+# shipped configs (server/engine/configs) and vllm-same-slots is given the same folder. MANY_ADAPTERS="1 1000" and
 # POPULARITY=alpha shorten a `many` run.
 #
 # `mixed` and `corpus` are the engine-safety checks on this vLLM line: base and adapter requests
@@ -84,7 +85,9 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     case $which in
       vllm-documented) sys=(--systems vllm "${documented[@]}") ;;
       loraplex) sys=(--systems loraplex "${slots[@]}") ;;
-      vllm-same-slots) sys=(--systems vllm "${slots[@]}") ;;
+      vllm-same-slots)  # and the LoRA kernel configs loraplex hands its engine
+        sys=(--systems vllm "${slots[@]}")
+        [ -z "${KERNELS:-}" ] && export VLLM_TUNED_CONFIG_FOLDER=$PWD/server/engine/configs ;;
       loraplex-documented) sys=(--systems loraplex "${documented[@]}") ;;
       *) echo "many: vllm-documented | loraplex | vllm-same-slots | loraplex-documented" >&2; exit 2 ;;
     esac

@@ -81,6 +81,12 @@ def choose(timings: dict, default_key: str) -> str:
     return best
 
 
+MAX_SLICES = 8
+"""vLLM looks the slice count up by exact key (every other level by the nearest one): a model
+with a layer of more slices than the tuned shape (olmo_hybrid's in_proj_qkvg has 4) would fail
+at graph capture, so every count up to this gets the nearest tuned one's configs."""
+
+
 def write_configs(out: Path, gpu: str, max_loras: int, chosen: dict) -> list[Path]:
     """``chosen``: (op, num_slices, m, k, n) -> config. Writes vLLM's
     ``config[max_loras + 1][num_slices][m][k][n]`` files (MAX_LORAS in the ops is the length of
@@ -89,6 +95,12 @@ def write_configs(out: Path, gpu: str, max_loras: int, chosen: dict) -> list[Pat
     for (op, slices, m, k, n), cfg in sorted(chosen.items()):
         tree = files.setdefault(op, {}).setdefault(str(max_loras + 1), {})
         tree.setdefault(slices, {}).setdefault(str(m), {}).setdefault(k, {})[n] = cfg
+    for tree in files.values():
+        for by_slices in tree.values():
+            tuned = sorted(int(k) for k in by_slices)
+            for count in range(1, MAX_SLICES + 1):
+                nearest = min(tuned, key=lambda t: (abs(t - count), -t))
+                by_slices.setdefault(str(count), by_slices[str(nearest)])
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for op, tree in files.items():
@@ -198,13 +210,17 @@ def report(shape: dict, rank: int, max_loras: int, timings: dict, default_of) ->
         n_slices, k, n = config_keys(op, k_in, slices, rank)
         return op, n_slices, m, k, n
 
-    grouped: dict = {}  # (op, slices, m, k, n) -> candidate -> adapters -> us
+    members: dict = {}  # (op, slices, m, k, n) -> the timed rows of the layers that share it
     for (name, op, m), row in timings.items():
-        dst = grouped.setdefault(key_of(name, op, m), {})
-        for cand, t in row.items():
-            acc = dst.setdefault(cand, {})
-            for adapters, us in t.items():
-                acc[adapters] = acc.get(adapters, 0.0) + us
+        members.setdefault(key_of(name, op, m), []).append(row)
+    grouped: dict = {}  # (op, slices, m, k, n) -> candidate -> adapters -> summed us
+    for key, rows in members.items():
+        counts = set(rows[0]["default"])
+        for cand in rows[0]:
+            # a candidate counts only where it was timed for every layer of the key at every
+            # adapter count (the budget may end between o_proj and down_proj)
+            if all(set(r.get(cand, {})) >= counts for r in rows):
+                grouped.setdefault(key, {})[cand] = {a: sum(r[cand][a] for r in rows) for a in counts}
     picked = {key: choose(row, "default") for key, row in grouped.items()}
     chosen = {key: default_of(key[0], key[2], int(key[1])) if c == "default" else json.loads(c)
               for key, c in picked.items()}

@@ -93,8 +93,9 @@ class Settings(BaseSettings):
     """With --tensor-parallel-size > 1: shard the LoRA computation too (faster for high ranks or long inputs)."""
     lora_kernel_configs: str = "auto"
     """Block sizes of vLLM's LoRA kernels on GPU: auto (VLLM_TUNED_CONFIG_FOLDER if set, else loraplex's
-    tuned configs for this card if it ships them), off (vLLM's defaults), or a folder that
-    benchmarks/lora_kernels.py wrote. Tuned, a batch over many distinct adapters steps faster."""
+    tuned configs for this card if it ships them, for models without MoE layers), off (vLLM's
+    defaults), or a folder that benchmarks/lora_kernels.py wrote. Tuned, a batch over many
+    distinct adapters steps faster."""
     lora_modules: list[str] = Field(default_factory=list)
     """Adapters to register at start, as vLLM takes them: name=path, or JSON {"name": ..., "path": ...}.
     They belong to --lora-modules-tenant; a name already registered with the same files is kept."""

@@ -12,6 +12,7 @@ gets: vLLM does the lookup (nearest batch size, shape and slot count).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -31,12 +32,30 @@ def has_configs(folder: Path, gpu_name: str) -> bool:
     return (folder / f"{file_prefix(gpu_name)}_SHRINK.json").is_file()
 
 
-def resolve(choice: str, gpu_name: str | None, environ: dict[str, str] | None = None) -> str | None:
-    """The folder vLLM should read LoRA kernel configs from, or None for vLLM's defaults.
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def has_experts(model: str | Path) -> bool:
+    """Whether the model's config.json describes MoE layers. vLLM takes a set
+    ``VLLM_TUNED_CONFIG_FOLDER`` to mean that LoRA on MoE layers should read tuned files from it
+    too (``lora/layers/fused_moe.py``), and loraplex ships none for those: such models keep
+    vLLM's own choice unless a folder is named."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(k in c for c in (cfg, cfg.get("text_config") or {}) for k in MOE_KEYS)
+
+
+def resolve(choice: str, gpu_name: str | None, environ: dict[str, str] | None = None, *,
+            moe: bool = False) -> str | None:
+    """The folder vLLM should read LoRA kernel configs from; None: loraplex names none (vLLM's
+    defaults, or the folder your environment already names).
 
     ``choice`` is ``--lora-kernel-configs``: ``auto`` takes ``VLLM_TUNED_CONFIG_FOLDER`` if the
-    environment sets it, else the bundled folder when it has this card's configs; ``off`` takes
-    vLLM's defaults; anything else is a folder. ``gpu_name`` is None off CUDA."""
+    environment sets it, else the bundled folder when it has this card's configs and the model
+    has no MoE layers (:func:`has_experts`); ``off`` names none; anything else is a folder.
+    ``gpu_name`` is None off CUDA."""
     environ = os.environ if environ is None else environ
     if choice == "off" or gpu_name is None:
         return None
@@ -44,20 +63,22 @@ def resolve(choice: str, gpu_name: str | None, environ: dict[str, str] | None = 
         return choice
     if environ.get(ENV):
         return environ[ENV]
-    return str(BUNDLED) if has_configs(BUNDLED, gpu_name) else None
+    return str(BUNDLED) if has_configs(BUNDLED, gpu_name) and not moe else None
 
 
-def apply(choice: str, gpu_name: str | None) -> str | None:
-    """Set (or clear) ``VLLM_TUNED_CONFIG_FOLDER`` for the engine processes about to start.
-    Off CUDA (``gpu_name`` None) there are no Triton kernels, and the environment is left alone."""
+def apply(choice: str, gpu_name: str | None, *, moe: bool = False) -> str | None:
+    """Name the folder in ``VLLM_TUNED_CONFIG_FOLDER`` for the engine processes about to start;
+    returns it. A folder the environment already names is never removed: vLLM also reads fused-MoE
+    and Mamba kernel configs from it. Off CUDA (``gpu_name`` None) nothing changes."""
     if gpu_name is None:
         return None
-    folder = resolve(choice, gpu_name)
+    folder = resolve(choice, gpu_name, moe=moe)
     if folder is None:
-        os.environ.pop(ENV, None)
-        logger.info("LoRA kernels: vLLM's default configs (%s)", "--lora-kernel-configs off" if choice == "off"
-                    else f"none tuned for {gpu_name}")
-        return None
+        logger.info("LoRA kernels: vLLM's default configs%s (%s)",
+                    f" or {os.environ[ENV]}" if os.environ.get(ENV) else "",
+                    "--lora-kernel-configs off" if choice == "off" else
+                    "a MoE model" if moe else f"none shipped for {gpu_name}")
+        return os.environ.get(ENV) or None
     os.environ[ENV] = folder
     if not has_configs(Path(folder), gpu_name):
         logger.warning("LoRA kernels: %s has no configs for %s; vLLM uses its defaults", folder, gpu_name)

@@ -74,11 +74,13 @@ def on_gpu() -> bool:
 
 
 def _gpu_name() -> str | None:
+    """The first GPU's name, read through NVML where vLLM does (so CUDA is not initialised in
+    this process, which would make vLLM spawn rather than fork its workers); None off CUDA."""
     if not on_gpu():
         return None
-    import torch
+    from vllm.platforms import current_platform
 
-    return torch.cuda.get_device_name()
+    return current_platform.get_device_name()
 
 
 def vllm_version() -> str:
@@ -219,7 +221,7 @@ class VllmEngine:
                 f"--quantization {o.quantization!r} is not offered by the installed vLLM {vllm_version()}; "
                 f"it offers: {', '.join(available_quantizations())}")
         _enable_patches()
-        lora_kernels.apply(o.lora_kernel_configs, _gpu_name())
+        lora_kernels.apply(o.lora_kernel_configs, _gpu_name(), moe=lora_kernels.has_experts(o.model))
         kv = o.kv_cache_bytes
         if kv is None and not on_gpu():
             kv = 1 << 30  # on CPU vLLM would otherwise reserve a fraction of host RAM

@@ -75,10 +75,26 @@ def test_tuned_files_are_read_back_by_vllm_for_every_layer_of_the_shape(tmp_path
         assert m == 64 or get("shrink", 129, m, 14336, 16, 1) == tuner.SHRINK[3]  # down
         assert get("expand", 129, m, 14336, 16, 2, add_inputs=True) == tuner.EXPAND[3]  # gate_up
         assert get("expand", 129, m, 4096, 16, 1, add_inputs=False) == tuner.EXPAND[3]  # o, down (dual stream)
+    # a layer of 4 slices (olmo_hybrid's in_proj_qkvg): vLLM looks slice counts up exactly
+    assert get("expand", 129, 128, 4096, 16, 4, add_inputs=True) == tuner.EXPAND[3]
+    assert get("shrink", 129, 128, 4096, 16, 8) == tuner.SHRINK[3]
     # another slot count or card: nearest slot count; a card with no file gets vLLM's defaults
     assert get("expand", 33, 128, 4096, 16, 3, add_inputs=True) == tuner.EXPAND[3]
     get = vllm_loader(tmp_path, gpu="NVIDIA A100-SXM4-80GB")
     assert get("expand", 129, 128, 4096, 16, 3, add_inputs=True)["block_m"] == 64
+
+
+def test_a_budget_that_ends_between_layers_sharing_a_key_keeps_the_default(tmp_path):
+    """o_proj and down_proj's expand share a key: a candidate timed on o_proj alone looks twice
+    as fast on their sum, and must not be chosen."""
+    shape = SHAPES["llama-3.1-8b"]
+    timings = _timings(fast=99, tradeoff=99)  # no candidate beats the default ...
+    cand = json.dumps(tuner.EXPAND[0], sort_keys=True)
+    for m in tuner.BATCHES:
+        timings[("o", "expand", m)][cand] = {a: 1.0 for a in timings[("o", "expand", m)]["default"]}
+        del timings[("down", "expand", m)][cand]  # ... but this one, timed on o_proj only
+    chosen, _ = tuner.report(shape, 16, 128, timings, tuner.vllm_default(16, 128))
+    assert chosen[("expand", "1", 128, "16", "4096")]["block_m"] == 64  # vLLM's default
 
 
 def test_bundled_configs_cover_every_layer_they_name(vllm_loader):
@@ -90,9 +106,10 @@ def test_bundled_configs_cover_every_layer_they_name(vllm_loader):
         for add in (True, False):
             assert (lora_kernels.BUNDLED / f"{lora_kernels.file_prefix(gpu)}_EXPAND_{str(add).upper()}.json").is_file()
         for m in (1, 128, 8192):
-            for op, k, slices in (("shrink", 4096, 3), ("shrink", 14336, 1), ("expand", 14336, 2),
-                                  ("expand", 4096, 1)):
-                cfg = get(op, 129, m, k, 16, slices, add_inputs=True if op == "expand" else None)
+            for op, k, slices, add in (("shrink", 4096, 3, None), ("shrink", 14336, 1, None),
+                                       ("expand", 14336, 2, True), ("expand", 4096, 1, False),
+                                       ("expand", 4096, 4, True), ("shrink", 2048, 8, None)):
+                cfg = get(op, 129, m, k, 16, slices, add_inputs=add)
                 assert {"block_m", "block_n", "block_k", "num_warps", "num_stages", "num_ctas"} <= cfg.keys()
                 if op == "shrink":
                     assert cfg["split_k"] >= 1
@@ -101,18 +118,34 @@ def test_bundled_configs_cover_every_layer_they_name(vllm_loader):
 def test_which_folder_the_engine_gets(tmp_path):
     env = {"VLLM_TUNED_CONFIG_FOLDER": "/mine"}
     assert lora_kernels.resolve("auto", H100, env) == "/mine"  # the user's environment wins under auto
+    assert lora_kernels.resolve("auto", H100, env, moe=True) == "/mine"
     assert lora_kernels.resolve("off", H100, env) is None
     assert lora_kernels.resolve(str(tmp_path), H100, env) == str(tmp_path)
     assert lora_kernels.resolve("auto", None, env) is None  # no CUDA: no Triton kernels
     assert lora_kernels.resolve("auto", "A card loraplex has no configs for", {}) is None
     shipped = next(lora_kernels.BUNDLED.glob("*_SHRINK.json")).name.removesuffix("_SHRINK.json")
     assert lora_kernels.resolve("auto", shipped.replace("_", " "), {}) == str(lora_kernels.BUNDLED)
+    # MoE layers: vLLM would read their LoRA configs from the folder too, and none are shipped
+    assert lora_kernels.resolve("auto", shipped.replace("_", " "), {}, moe=True) is None
+    assert lora_kernels.resolve(str(tmp_path), H100, {}, moe=True) == str(tmp_path)
+
+
+def test_moe_models_are_told_apart_by_their_config(tmp_path):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(SHAPES["tiny"]))
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "config.json").write_text(json.dumps({"text_config": {"num_local_experts": 8}}))
+    assert not lora_kernels.has_experts(tmp_path / "dense") and lora_kernels.has_experts(tmp_path / "moe")
+    assert not lora_kernels.has_experts(tmp_path / "missing")
 
 
 def test_the_engine_processes_get_the_folder_through_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/mine")
     assert lora_kernels.apply("auto", None) is None and os.environ["VLLM_TUNED_CONFIG_FOLDER"] == "/mine"
-    assert lora_kernels.apply("off", H100) is None and "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    # off names no folder of loraplex's, and leaves yours (vLLM reads MoE and Mamba configs there too)
+    assert lora_kernels.apply("off", H100) == "/mine" == os.environ["VLLM_TUNED_CONFIG_FOLDER"]
     assert lora_kernels.apply(str(tmp_path), H100) == str(tmp_path) == os.environ["VLLM_TUNED_CONFIG_FOLDER"]
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+    assert lora_kernels.apply("off", H100) is None and "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    assert lora_kernels.apply("auto", H100, moe=True) is None and "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
     assert lora_kernels.apply("auto", H100) == str(lora_kernels.BUNDLED) == os.environ["VLLM_TUNED_CONFIG_FOLDER"]
