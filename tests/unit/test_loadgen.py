@@ -49,3 +49,18 @@ def test_many_adapters_report_rows_and_ratios():
     assert got["loraplex, 1000 adapters vs 1 adapter, alpha=1"].startswith("0.70x")
     assert got["loraplex vs vllm-documented, 1000 adapters, alpha1"].startswith("2.00x")  # bf16 against bf16
     assert got["loraplex vs vllm-same-slots, 1000 adapters, alpha1"] == "not measured"
+
+
+def test_a_run_cut_short_is_read_from_its_partial_rows(tmp_path):
+    import json
+
+    from benchmarks.many_adapters import load, rows_of
+
+    row = {"system": "loraplex", "adapters": 32, "popularity": "uniform", "output_tokens_per_s": 5200.0,
+           "ttft_s": {"p99": 0.9}, "requests": 10, "errors": 0}
+    (tmp_path / "loraplex-tuned-partial.jsonl").write_text(json.dumps(row) + "\n\n" + json.dumps(row | {"adapters": 1}))
+    doc = load(tmp_path / "loraplex-tuned-partial.jsonl")
+    rows = rows_of(doc)
+    assert [(r["adapters"], r["popularity"], r["run"]) for r in rows] == [
+        (32, "uniform", "loraplex-tuned-partial"), (1, "uniform", "loraplex-tuned-partial")]
+    assert rows[0]["engine_start_s"] is None and rows[0]["engine_flags"] is None  # not written before the cut
