@@ -27,7 +27,8 @@
 # VLLM_TUNED_CONFIG_FOLDER; KERNELS=DIR hands such a folder to the engine of a `many` run (tag -tuned),
 # KERNELS=off runs on vLLM's default kernels (tag -untuned). Without KERNELS, loraplex takes its
 # shipped configs (server/engine/configs) and vllm-same-slots is given the same folder. MANY_ADAPTERS="1 1000" and
-# POPULARITY=alpha shorten a `many` run.
+# POPULARITY=alpha shorten a `many` run; CPU_LORAS=N and CACHE_GIB=G size the host tier of the slot
+# configuration (512 adapters, 48 GiB by default).
 #
 # `mixed` and `corpus` are the engine-safety checks on this vLLM line: base and adapter requests
 # mixed under LoRA slot churn, each compared with its own model's answer (benchmarks/mixed_traffic.py;
@@ -58,6 +59,19 @@ case $step in
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import vllm, bitsandbytes, fastapi, uvicorn, openai, pydantic_settings, typer, grpc, pynvml, \
 prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('imports ok, vllm', vllm.__version__)"
+    # The tree runs uninstalled here; register loraplex's vLLM plugin (server.engine.vllm_patches)
+    # as installing the package would, so the engine processes loraplex starts load it.
+    python3 - <<'PY'
+import site, sys
+from pathlib import Path
+from server.engine import vllm_patches
+if not vllm_patches.plugin_installed():
+    d = Path(next(p for p in sys.path if p.endswith("/root/site"))) / "loraplex_vllm_plugin-0.dist-info"
+    d.mkdir(exist_ok=True)
+    (d / "METADATA").write_text("Metadata-Version: 2.1\nName: loraplex-vllm-plugin\nVersion: 0\n")
+    (d / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{vllm_patches.PLUGIN} = {vllm_patches.__name__}:apply\n")
+print("loraplex vLLM plugin registered:", vllm_patches.plugin_installed())
+PY
     python3 benchmarks/models.py base --shape llama-3.1-8b --out "$M"
     python3 benchmarks/models.py adapters --base "$M" --n 1000 --distinct 64 --out "$W/adapters"
     python3 benchmarks/models.py adapters --base "$M" --n 16 --distinct 64 --prefix cold --out "$W/adapters"
@@ -80,7 +94,8 @@ prometheus_client, psutil, filelock, matplotlib, httpx, peft, multipart; print('
     which=$1
     quant=()
     [ "${2:-}" = bnb4 ] && quant=(--quantization bitsandbytes)
-    slots=(--max-loras 128 --max-cpu-loras 512 --adapter-cache-bytes $((48 << 30)) --engine-extra=--specialize-active-lora)
+    slots=(--max-loras 128 --max-cpu-loras "${CPU_LORAS:-512}" --adapter-cache-bytes $((${CACHE_GIB:-48} << 30))
+           --engine-extra=--specialize-active-lora)
     documented=(--max-loras 32 --max-cpu-loras 256 --adapter-cache-bytes $((24 << 30)))
     case $which in
       vllm-documented) sys=(--systems vllm "${documented[@]}") ;;

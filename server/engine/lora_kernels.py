@@ -85,3 +85,45 @@ def apply(choice: str, gpu_name: str | None, *, moe: bool = False) -> str | None
     else:
         logger.info("LoRA kernels: tuned configs for %s from %s", gpu_name, folder)
     return folder
+
+
+def batch_keys(folder: str | Path | None, gpu_name: str) -> list[list[int]]:
+    """The batch sizes (``m``) each table of the tuned files is keyed by, in file order (vLLM's
+    nearest-key lookup breaks ties by that order): one list per (file, slot count, slice count)."""
+    if folder is None:
+        return []
+    out = []
+    prefix = file_prefix(gpu_name)
+    for name in ("SHRINK", "EXPAND_TRUE", "EXPAND_FALSE"):
+        try:
+            doc = json.loads((Path(folder) / f"{prefix}_{name}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        out += [[int(m) for m in by_m] for by_slices in doc.values() for by_m in by_slices.values()]
+    return out
+
+
+def _compiled_as(m: int, keys: list[list[int]]) -> tuple:
+    """What Triton compiles a LoRA kernel launch over ``m`` tokens as: the config vLLM looks up
+    (its nearest batch key per table; vLLM's defaults change at 128) and the integer
+    specializations of ``M`` (== 1, divisible by 16)."""
+    return (m == 1, m % 16 == 0, m < 128, *(min(ks, key=lambda k: abs(k - m)) for ks in keys if ks))
+
+
+def warmup_sizes(keys: list[list[int]], captured: list[int], max_tokens: int) -> list[int]:
+    """Batch sizes to run once at start so that no LoRA kernel is compiled while serving.
+
+    A batch no larger than the largest CUDA graph runs padded to a captured size, whose kernels
+    were compiled when it was captured. A larger batch (a prefill) runs eagerly, and its first
+    launch of a config no captured size used stops the engine for a Triton compile (seconds).
+    Returns the smallest uncovered size of each such config, in order."""
+    keys = [list(ks) for ks in dict.fromkeys(tuple(ks) for ks in keys)]
+    top = max(captured, default=0)
+    covered = {_compiled_as(m, keys) for m in captured}
+    sizes = []
+    for m in range(top + 1, max_tokens + 1):
+        sig = _compiled_as(m, keys)
+        if sig not in covered:
+            covered.add(sig)
+            sizes.append(m)
+    return sizes

@@ -1,4 +1,4 @@
-"""The one patch loraplex applies inside vLLM, and the bug it works around.
+"""The patches loraplex applies inside vLLM, and why.
 
 **Base tokens computed with another tenant's adapter (vLLM's CPU LoRA kernels).**
 vLLM marks a token that uses no adapter with LoRA index -1. Its GPU kernels
@@ -11,6 +11,13 @@ through 2 slots: 1247 of 1247 wrong outputs were base requests, 752 of them
 equal to one tenant's adapter output (``benchmarks/mixed_traffic.py``). The fix
 here gives the torch kernels the GPU kernels' meaning: rows of index -1 are
 left exactly as they were.
+
+**A Triton compile in the middle of serving (GPU).** vLLM compiles its LoRA kernels for the
+block sizes of every batch size it captures as a CUDA graph. A larger batch (a prefill) runs
+eagerly, and with tuned configs (:mod:`server.engine.lora_kernels`) it may look up block sizes no
+captured size used: its first launch then compiles them on the engine thread, and every running
+request waits (3.9 s of TTFT p99 on an H100). :func:`patch_lora_warmup` runs one eager pass with
+an adapter active at each such size while the engine starts.
 
 How it reaches the engine: vLLM runs every ``vllm.general_plugins`` entry point
 in each process it starts (engine core, workers). loraplex registers
@@ -25,8 +32,11 @@ installed kernels, and changes nothing on a vLLM that no longer has the bug.
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
 import logging
 import os
+import sys
 
 # Under vLLM's logger: in the engine processes vLLM configures only its own loggers, so this is
 # how a line from the patch reaches the server log.
@@ -45,6 +55,10 @@ def apply() -> None:
 
     if current_platform.is_cpu():
         patch_cpu_lora_kernels()
+    elif current_platform.is_cuda():
+        # Patched where the worker is imported (the engine core), not in the API process: importing
+        # vLLM's GPU worker there could initialise CUDA, and vLLM would then spawn its engine.
+        after_import("vllm.v1.worker.gpu_worker", patch_lora_warmup)
 
 
 def base_rows_use_last_slot(ops) -> bool:
@@ -104,6 +118,88 @@ def patch_cpu_lora_kernels() -> bool:
     logger.info("loraplex: patched vLLM's CPU LoRA kernels (pid %d): base tokens no longer take the last "
                 "LoRA slot", os.getpid())
     return True
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def __init__(self, name: str, then):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module, then = spec.loader.exec_module, self.then
+
+        def exec_then(module):
+            exec_module(module)
+            then()
+
+        spec.loader.exec_module = exec_then
+        return spec
+
+
+def after_import(name: str, then) -> None:
+    """Call ``then()`` once module ``name`` is imported (now, if it already is)."""
+    if name in sys.modules:
+        then()
+    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(name, then))
+
+
+def patch_lora_warmup() -> bool:
+    """Run :func:`warm_lora_kernels` after vLLM's own warmup and graph capture; returns whether
+    the installed vLLM has what it needs (otherwise it changes nothing)."""
+    import inspect
+
+    from vllm.v1.worker import gpu_model_runner, gpu_worker
+
+    original = getattr(gpu_worker.Worker, "compile_or_warm_up_model", None)
+    if getattr(original, "__loraplex_patched__", False):
+        return True
+    dummy = getattr(gpu_model_runner.GPUModelRunner, "_dummy_run", None)
+    if original is None or dummy is None or "num_active_loras" not in inspect.signature(dummy).parameters:
+        logger.info("loraplex: this vLLM cannot run a LoRA warmup pass; LoRA kernels compile on first use")
+        return False
+
+    @functools.wraps(original)
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        warm_lora_kernels(self.model_runner, self.vllm_config)
+        return result
+
+    compile_or_warm_up_model.__loraplex_patched__ = True
+    gpu_worker.Worker.compile_or_warm_up_model = compile_or_warm_up_model
+    return True
+
+
+def warm_lora_kernels(runner, vllm_config) -> list[int]:
+    """One eager forward pass with a (dummy) adapter at each batch size whose LoRA kernels no
+    captured graph compiled (:func:`~server.engine.lora_kernels.warmup_sizes`)."""
+    import time
+
+    import torch
+    from vllm import envs
+    from vllm.config import CUDAGraphMode
+
+    from server.engine import lora_kernels
+
+    if getattr(runner, "lora_config", None) is None:
+        return []
+    cc = vllm_config.compilation_config
+    eager = vllm_config.model_config.enforce_eager or cc.cudagraph_mode == CUDAGraphMode.NONE
+    captured = [] if eager else list(cc.cudagraph_capture_sizes or [])
+    max_tokens = min(vllm_config.scheduler_config.max_num_batched_tokens, runner.max_num_tokens)
+    keys = lora_kernels.batch_keys(envs.VLLM_TUNED_CONFIG_FOLDER, torch.cuda.get_device_name())
+    sizes = lora_kernels.warmup_sizes(keys, captured, max_tokens)
+    start = time.perf_counter()
+    for n in sizes:
+        runner._dummy_run(n, cudagraph_runtime_mode=CUDAGraphMode.NONE, skip_eplb=True, num_active_loras=1)
+    logger.info("loraplex: LoRA kernels warmed at batch sizes %s in %.1f s (beyond the captured %s)",
+                sizes, time.perf_counter() - start, max(captured, default=0))
+    return sizes
 
 
 def plugin_installed() -> bool:

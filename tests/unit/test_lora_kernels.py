@@ -149,3 +149,41 @@ def test_the_engine_processes_get_the_folder_through_the_environment(tmp_path, m
     assert lora_kernels.apply("off", H100) is None and "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
     assert lora_kernels.apply("auto", H100, moe=True) is None and "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
     assert lora_kernels.apply("auto", H100) == str(lora_kernels.BUNDLED) == os.environ["VLLM_TUNED_CONFIG_FOLDER"]
+
+
+CAPTURED = [1, 2, 4, *range(8, 256, 8), *range(256, 513, 16)]  # vLLM 0.25's capture sizes up to 512
+
+
+@pytest.mark.parametrize("folder", [lora_kernels.BUNDLED, None], ids=["bundled", "vllm-defaults"])
+def test_the_warmup_compiles_every_kernel_a_batch_can_launch(folder, vllm_loader, monkeypatch):
+    """Every batch size up to the token budget launches the LoRA kernels with a config and an
+    ``M`` specialization that a captured size or a warmup size already compiled, as vLLM's own
+    lookup picks them for each layer of the 8B shape."""
+    if folder is None:
+        get = vllm_loader(lora_kernels.BUNDLED)
+        monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+        from vllm.lora.ops.triton_ops import utils
+        utils.load_lora_op_config.cache_clear()
+    else:
+        get = vllm_loader(folder)
+    max_tokens = 8192
+    sizes = lora_kernels.warmup_sizes(lora_kernels.batch_keys(folder, H100), CAPTURED, max_tokens)
+    assert all(CAPTURED[-1] < n <= max_tokens for n in sizes)
+    lookups = [(op, slices, k, n, add) for k, n, slices in ((4096, 16, 3), (4096, 16, 1), (4096, 16, 2),
+                                                           (14336, 16, 1))
+               for op, add in (("shrink", None),)] + \
+              [("expand", slices, 16, n, add) for n, slices in ((4096, 3), (4096, 1), (14336, 2))
+               for add in (True, False)]
+
+    def compiled(m):
+        cfgs = tuple(json.dumps(get(op, 129, m, k, n, slices, add_inputs=add), sort_keys=True)
+                     for op, slices, k, n, add in lookups)
+        return m == 1, m % 16 == 0, cfgs
+
+    ready = {compiled(m) for m in CAPTURED + sizes}
+    padded = lambda m: next(c for c in CAPTURED if c >= m) if m <= CAPTURED[-1] else m  # noqa: E731
+    missing = [m for m in range(1, max_tokens + 1) if compiled(padded(m)) not in ready]
+    assert not missing, f"batches of {missing[:5]}... tokens would compile a LoRA kernel while serving"
+    if folder is not None:
+        assert sizes, "the bundled prefill configs differ from the decode ones: something must be warmed"
+    assert lora_kernels.warmup_sizes([], CAPTURED, 512) == []

@@ -57,3 +57,31 @@ def test_apply_does_nothing_outside_engines_loraplex_started(monkeypatch):
 
 def test_the_plugin_is_registered_for_vllm():
     assert vllm_patches.plugin_installed()
+
+
+def test_a_patch_waits_for_its_module_to_be_imported(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
+    seen = []
+    vllm_patches.after_import("json.tool", lambda: seen.append(sys.modules["json.tool"].main))
+    assert seen == []
+    import json.tool
+
+    assert seen == [json.tool.main]
+    assert not any(isinstance(f, vllm_patches._AfterImport) for f in sys.meta_path)
+    vllm_patches.after_import("json.tool", lambda: seen.append("now"))  # already imported: at once
+    assert seen[-1] == "now"
+
+
+def test_the_lora_warmup_hooks_the_installed_vllms_worker(monkeypatch):
+    """The GPU worker's warmup, and the dummy pass with an adapter active that the patch runs,
+    exist in the installed vLLM (both lines), so an upgrade that drops them is seen here."""
+    from vllm.v1.worker import gpu_worker
+
+    original = gpu_worker.Worker.compile_or_warm_up_model
+    monkeypatch.setattr(gpu_worker.Worker, "compile_or_warm_up_model", original)
+    assert vllm_patches.patch_lora_warmup()
+    patched = gpu_worker.Worker.compile_or_warm_up_model
+    assert patched.__loraplex_patched__ and patched.__wrapped__ is original
+    assert vllm_patches.patch_lora_warmup() and gpu_worker.Worker.compile_or_warm_up_model is patched
