@@ -167,7 +167,10 @@ def patch_lora_warmup() -> bool:
     @functools.wraps(original)
     def compile_or_warm_up_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        warm_lora_kernels(self.model_runner, self.vllm_config)
+        try:
+            warm_lora_kernels(self.model_runner, self.vllm_config)
+        except Exception:  # a warmup only saves a stall later: never the reason an engine fails to start
+            logger.warning("loraplex: the LoRA kernel warmup failed; kernels compile on first use", exc_info=True)
         return result
 
     compile_or_warm_up_model.__loraplex_patched__ = True
