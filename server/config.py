@@ -86,7 +86,8 @@ class Settings(BaseSettings):
     max_loras: int = Field(4, ge=1)
     """Adapters in one batch (vLLM's GPU LoRA slots)."""
     max_cpu_loras: int | None = Field(None, ge=1)
-    """Adapters kept loaded in the engine's host-memory tier; default max(64, max_loras)."""
+    """Adapters kept loaded in the engine's host-memory tier; default: as many as --adapter-cache-bytes
+    holds of small (16 MiB) adapters, at most 4096 and at least max(64, --max-loras)."""
     max_lora_rank: int = 64
     """Largest adapter rank served; vLLM sizes every LoRA slot for it (memory grows linearly)."""
     fully_sharded_loras: bool = False
@@ -103,8 +104,10 @@ class Settings(BaseSettings):
     """The tenant --lora-modules are registered for (create it first: python -m server tenants create NAME)."""
     lora_roots: list[Path] = Field(default_factory=list)
     """Server-side directories admins may load adapters from via /v1/load_lora_adapter."""
-    adapter_cache_bytes: int = Field(4 << 30, ge=1)
-    """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted)."""
+    adapter_cache_bytes: int | None = Field(None, ge=1)
+    """Byte budget of adapters held in the engine's host tier (LRU; pinned adapters never evicted).
+    Default: half the host memory available at start (within a container's limit), shared with the
+    servers of the host's other GPUs. An adapter in the tier starts without a load on the engine thread."""
     max_pins_per_tenant: int = Field(4, ge=0)
     """Adapters one tenant may pin (admins: any number); one more is a 429 naming `pin`."""
     max_pinned_share: float = Field(0.5, ge=0.0, le=1.0)
@@ -220,8 +223,15 @@ class Settings(BaseSettings):
                     raise ValueError(f"--{name.replace('_', '-')} {path} is not a readable file")
         if self.grpc_ssl_certfile is None:
             self.grpc_ssl_certfile, self.grpc_ssl_keyfile = self.ssl_certfile, self.ssl_keyfile
+        if self.adapter_cache_bytes is None:
+            from server.adapters import residency
+
+            self.adapter_cache_bytes = residency.default_host_tier_bytes(
+                residency.available_host_memory(), self.tensor_parallel_size, residency.gpus_on_host())
         if self.max_cpu_loras is None:
-            self.max_cpu_loras = max(64, self.max_loras)
+            from server.adapters import residency
+
+            self.max_cpu_loras = residency.default_max_cpu_loras(self.adapter_cache_bytes, self.max_loras)
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")
         if self.enable_auto_tool_choice and not self.tool_call_parser:

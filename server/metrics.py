@@ -160,6 +160,10 @@ class StateCollector(Collector):
         cache = GaugeMetricFamily("loraplex_adapter_cache_bytes", "Bytes of adapters loaded in the engine's host tier.")
         cache.add_metric([], self.service.residency.used_bytes)
         yield cache
+        budget = GaugeMetricFamily("loraplex_adapter_cache_budget_bytes",
+                                   "Byte budget of the engine's host tier (--adapter-cache-bytes).")
+        budget.add_metric([], self.service.residency.budget_bytes)
+        yield budget
         up = GaugeMetricFamily("loraplex_engine_up", "1 while the vLLM engine serves, 0 while it is dead or restarting.")
         up.add_metric([], 1 if self.service.engine.ready else 0)
         yield up

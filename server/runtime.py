@@ -68,6 +68,8 @@ def build(settings: Settings, *, engine=None, shared: bool = False) -> Service:
     counts = recover(registry, store, grace_s=settings.adapter_gc_grace_s if shared or store.shared or db.shared else 0.0)
     if any(counts.values()):
         logger.warning("recovered from an unclean stop: %s", counts)
+    logger.info("host tier: up to %d adapters in %.1f GiB (--max-cpu-loras, --adapter-cache-bytes)",
+                settings.max_cpu_loras, settings.adapter_cache_bytes / (1 << 30))
     if engine is None:
         engine = VllmEngine(EngineOptions(
             model=str(base.path), served_name=served, quantization=settings.quantization, dtype=settings.dtype,

@@ -47,6 +47,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from server.errors import AdapterLoadFailed, LoraplexError
 
@@ -64,6 +65,60 @@ class Residency(enum.StrEnum):
     LOADING = "loading"  # admitted; add_lora is in flight, requests wait for it
     LOADED = "loaded"  # in the engine's host tier
     DRAINING = "draining"  # retired or deleted; leaves the engine when its last request ends
+
+
+HOST_TIER_SHARE = 0.5
+"""The share of the host memory available at start that the host tier takes by default."""
+SMALL_ADAPTER_BYTES = 16 << 20  # r=8 on q and v of an 8B model is 8 MiB in bf16
+MAX_CPU_LORAS = 4096
+
+
+def available_host_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, within the memory limit of
+    its cgroup (a container's), where one is set."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2
+                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+        try:
+            cap = (cgroup / limit).read_text().strip()
+            if cap != "max":
+                available = min(available, int(cap) - int((cgroup / usage).read_text()))
+            break
+        except (OSError, ValueError):
+            continue
+    return max(available, 0)
+
+
+def gpus_on_host() -> int:
+    """Every GPU on this host, whatever CUDA_VISIBLE_DEVICES shows this process (NVML); 0 without."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library or no driver: a CPU host
+        return 0
+
+
+def default_host_tier_bytes(available: int, gpus_used: int, gpus_on_host: int) -> int:
+    """The host tier's byte budget when ``--adapter-cache-bytes`` leaves it to loraplex: half of the
+    host memory available at start, shared with the servers of the host's other GPUs (each
+    single-GPU server of an 8-GPU host gets 1/16). An adapter held there starts serving without a
+    load on the engine thread; one that is not costs every running request a pause."""
+    share = HOST_TIER_SHARE * (min(1.0, gpus_used / gpus_on_host) if gpus_on_host else 1.0)
+    return max(int(available * share), 256 << 20)
+
+
+def default_max_cpu_loras(budget_bytes: int, max_loras: int) -> int:
+    """vLLM's host-tier count when ``--max-cpu-loras`` leaves it to loraplex: as many small adapters
+    (r=8 on two modules of an 8B model) as the byte budget holds. loraplex evicts by bytes; vLLM
+    only caps the count, and allocates nothing for it."""
+    return max(64, max_loras, min(MAX_CPU_LORAS, budget_bytes // SMALL_ADAPTER_BYTES))
 
 
 def engine_max_cpu_loras(max_cpu_loras: int) -> int:
