@@ -82,7 +82,8 @@ class Proc:
 def engine_args(a, *, vllm_names: bool) -> list[str]:
     """The same engine settings for loraplex and raw vLLM (flag spellings differ only for the KV cache)."""
     args = ["--max-model-len", str(a.max_model_len), "--max-loras", str(a.max_loras),
-            "--max-cpu-loras", str(a.max_cpu_loras), "--max-lora-rank", "16", "--dtype", a.dtype, "--seed", "0"]
+            *(["--max-cpu-loras", str(a.max_cpu_loras)] if a.max_cpu_loras else []),
+            "--max-lora-rank", "16", "--dtype", a.dtype, "--seed", "0"]
     if a.kv_cache_bytes:
         args += ["--kv-cache-memory-bytes" if vllm_names else "--kv-cache-bytes", str(a.kv_cache_bytes)]
     if a.gpu_memory_utilization:
@@ -271,7 +272,8 @@ def run_loraplex(a, base: Path, adapters: list[Path], cold: list[Path], counts: 
         metrics_url = None
     p = Proc([sys.executable, "-m", "server", "--base", str(base), "--served-name", "base", "--port", str(port),
               *listeners,
-              "--data-dir", str(data), "--adapter-cache-bytes", str(a.adapter_cache_bytes),
+              "--data-dir", str(data),
+              *(["--adapter-cache-bytes", str(a.adapter_cache_bytes)] if a.adapter_cache_bytes else []),
               "--max-uploads", str(a.register_clients),
               "--lora-roots", str(adapters[0].parent), *engine_args(a, vllm_names=False)],
              logs / f"{system}-{max(counts)}.log", f"{url}/ready")
@@ -327,8 +329,9 @@ def run_vllm(a, base: Path, adapters: list[Path], cold: list[Path], counts: list
         argv += ["--enable-lora", "--lora-modules", *[f"{d.name}={d}" for d in [*cold, *adapters]]]
     else:  # LoRA flags are invalid without --enable-lora
         for flag in ("--max-loras", "--max-cpu-loras", "--max-lora-rank"):
-            i = argv.index(flag)
-            del argv[i : i + 2]
+            if flag in argv:
+                i = argv.index(flag)
+                del argv[i : i + 2]
     t0 = time.perf_counter()
     p = Proc(argv, logs / f"vllm-{'lora' if lora else 'base'}-{max(counts)}.log", f"{url}/health")
     started = time.perf_counter() - t0
@@ -477,8 +480,8 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=1, help="load-generator client processes")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--max-loras", type=int, default=8)
-    p.add_argument("--max-cpu-loras", type=int, default=64)
-    p.add_argument("--adapter-cache-bytes", type=int, default=8 << 30)
+    p.add_argument("--max-cpu-loras", type=int, default=64, help="0: the system's default (loraplex sizes its own)")
+    p.add_argument("--adapter-cache-bytes", type=int, default=8 << 30, help="0: loraplex's default (from host memory)")
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=None)
     p.add_argument("--quantization", default=None)

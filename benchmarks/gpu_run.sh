@@ -27,8 +27,8 @@
 # VLLM_TUNED_CONFIG_FOLDER; KERNELS=DIR hands such a folder to the engine of a `many` run (tag -tuned),
 # KERNELS=off runs on vLLM's default kernels (tag -untuned). Without KERNELS, loraplex takes its
 # shipped configs (server/engine/configs) and vllm-same-slots is given the same folder. MANY_ADAPTERS="1 1000" and
-# POPULARITY=alpha shorten a `many` run; CPU_LORAS=N and CACHE_GIB=G size the host tier of the slot
-# configuration (512 adapters, 48 GiB by default).
+# POPULARITY=alpha shorten a `many` run. loraplex sizes its host tier from host memory (its default);
+# CPU_LORAS=N and CACHE_GIB=G name one instead, and size vllm-same-slots' (512 adapters, 48 GiB by default).
 #
 # `mixed` and `corpus` are the engine-safety checks on this vLLM line: base and adapter requests
 # mixed under LoRA slot churn, each compared with its own model's answer (benchmarks/mixed_traffic.py;
@@ -94,14 +94,16 @@ PY
     which=$1
     quant=()
     [ "${2:-}" = bnb4 ] && quant=(--quantization bitsandbytes)
-    slots=(--max-loras 128 --max-cpu-loras "${CPU_LORAS:-512}" --adapter-cache-bytes $((${CACHE_GIB:-48} << 30))
-           --engine-extra=--specialize-active-lora)
+    slots=(--max-loras 128 --engine-extra=--specialize-active-lora)
+    host=(--max-cpu-loras "${CPU_LORAS:-512}" --adapter-cache-bytes $((${CACHE_GIB:-48} << 30)))
     documented=(--max-loras 32 --max-cpu-loras 256 --adapter-cache-bytes $((24 << 30)))
     case $which in
       vllm-documented) sys=(--systems vllm "${documented[@]}") ;;
-      loraplex) sys=(--systems loraplex "${slots[@]}") ;;
+      loraplex)  # its own host tier (from host memory) unless CPU_LORAS/CACHE_GIB name one
+        [ -z "${CPU_LORAS:-}${CACHE_GIB:-}" ] && host=(--max-cpu-loras 0 --adapter-cache-bytes 0)
+        sys=(--systems loraplex "${slots[@]}" "${host[@]}") ;;
       vllm-same-slots)  # and the LoRA kernel configs loraplex hands its engine
-        sys=(--systems vllm "${slots[@]}")
+        sys=(--systems vllm "${slots[@]}" "${host[@]}")
         [ -z "${KERNELS:-}" ] && export VLLM_TUNED_CONFIG_FOLDER=$PWD/server/engine/configs ;;
       loraplex-documented) sys=(--systems loraplex "${documented[@]}") ;;
       *) echo "many: vllm-documented | loraplex | vllm-same-slots | loraplex-documented" >&2; exit 2 ;;

@@ -57,7 +57,9 @@ def rows_of(doc: dict) -> list[dict]:
 
 
 def _engine_flags(args: dict) -> list[str]:
-    flags = [f"--max-loras {args.get('max_loras')}", f"--max-cpu-loras {args.get('max_cpu_loras')}"]
+    flags = [f"--max-loras {args.get('max_loras')}"]
+    if args.get("max_cpu_loras"):  # 0: the system's own default (loraplex sizes it from host memory)
+        flags.append(f"--max-cpu-loras {args['max_cpu_loras']}")
     return flags + ([args["engine_extra"]] if args.get("engine_extra") else [])
 
 
