@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from typing import Annotated
 
@@ -170,6 +171,11 @@ def serve(argv: list[str]) -> None:
     from server.config import Settings
     from server.runtime import serve as run
 
+    from server.engine import vllm_patches
+
+    # Mark this process tree as loraplex's before vLLM's parser loads its plugins (a forked engine
+    # does not load them again): the patches act only in engines loraplex starts.
+    os.environ[vllm_patches.ENV] = "1"
     mine, rest = split_argv(argv)
     if "-h" in mine or "--help" in mine:
         try:

@@ -49,10 +49,13 @@ def test_probe_sees_the_bug_in_the_unpatched_kernels_and_not_after_the_patch():
 
 
 def test_apply_does_nothing_outside_engines_loraplex_started(monkeypatch):
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
     monkeypatch.delenv(vllm_patches.ENV, raising=False)
-    before = lora_ops.bgmv_shrink
+    monkeypatch.setattr(LRUCacheWorkerLoRAManager, "add_adapter", LRUCacheWorkerLoRAManager.add_adapter)
+    before = lora_ops.bgmv_shrink, LRUCacheWorkerLoRAManager.add_adapter
     vllm_patches.apply()
-    assert lora_ops.bgmv_shrink is before
+    assert (lora_ops.bgmv_shrink, LRUCacheWorkerLoRAManager.add_adapter) == before
 
 
 def test_the_plugin_is_registered_for_vllm():
@@ -85,3 +88,53 @@ def test_the_lora_warmup_hooks_the_installed_vllms_worker(monkeypatch):
     patched = gpu_worker.Worker.compile_or_warm_up_model
     assert patched.__loraplex_patched__ and patched.__wrapped__ is original
     assert vllm_patches.patch_lora_warmup() and gpu_worker.Worker.compile_or_warm_up_model is patched
+
+
+class _HostTier:
+    """The calls ``add_adapter`` makes on vLLM's LoRA model manager, over vLLM's own LRU cache."""
+
+    def __init__(self, n: int):
+        from vllm.lora.model_manager import AdapterLRUCache
+
+        self._registered_adapters = AdapterLRUCache(10_000, lambda key: None)
+        for i in range(1, n + 1):
+            self._registered_adapters[i] = object()
+        self.activated, self.copies = [], 0
+
+    def get_adapter(self, lora_id):
+        return self._registered_adapters.get(lora_id)
+
+    def activate_adapter(self, lora_id):
+        self.activated.append(lora_id)
+        return True
+
+    def list_adapters(self):
+        self.copies += 1
+        return dict(self._registered_adapters.cache)
+
+
+def test_a_loaded_adapter_is_found_without_copying_the_host_tier(monkeypatch):
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
+
+    original = getattr(LRUCacheWorkerLoRAManager.add_adapter, "__wrapped__", LRUCacheWorkerLoRAManager.add_adapter)
+    monkeypatch.setattr(LRUCacheWorkerLoRAManager, "add_adapter", original)
+
+    def step(tier, lora_id):
+        manager = object.__new__(LRUCacheWorkerLoRAManager)
+        manager._adapter_manager = tier
+        try:
+            return manager.add_adapter(LoRARequest(f"a{lora_id}", lora_id, "/nowhere"))
+        except Exception:  # a cold adapter goes on to vLLM's own load, which has no files here
+            return "load"
+
+    unpatched = _HostTier(800)
+    assert [step(unpatched, i) for i in (5, 800, 7)] == [True, True, True]
+    assert unpatched.copies == 3  # vLLM 0.25 and 0.32 copy the host tier for every adapter of a step
+    assert vllm_patches.patch_lora_membership()
+    patched = _HostTier(800)
+    assert [step(patched, i) for i in (5, 800, 7)] == [True, True, True]
+    assert patched.copies == 0 and patched.activated == unpatched.activated == [5, 800, 7]
+    assert list(patched._registered_adapters.order) == list(unpatched._registered_adapters.order)  # same LRU
+    assert step(patched, 801) == "load" and patched.copies == 1  # not loaded: vLLM's own path
+    assert vllm_patches.patch_lora_membership()  # idempotent
