@@ -66,7 +66,7 @@ import site, sys
 from pathlib import Path
 from server.engine import vllm_patches
 if not vllm_patches.plugin_installed():
-    d = Path(next(p for p in sys.path if p.endswith("/root/site"))) / "loraplex_vllm_plugin-0.dist-info"
+    d = Path(next((p for p in sys.path if p.endswith("/root/site")), site.getsitepackages()[0])) / "loraplex_vllm_plugin-0.dist-info"
     d.mkdir(exist_ok=True)
     (d / "METADATA").write_text("Metadata-Version: 2.1\nName: loraplex-vllm-plugin\nVersion: 0\n")
     (d / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{vllm_patches.PLUGIN} = {vllm_patches.__name__}:apply\n")

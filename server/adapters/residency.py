@@ -73,22 +73,41 @@ SMALL_ADAPTER_BYTES = 16 << 20  # r=8 on q and v of an 8B model is 8 MiB in bf16
 MAX_CPU_LORAS = 4096
 
 
-def available_host_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes this process may still take: the kernel's MemAvailable, within the memory limit of
-    its cgroup (a container's), where one is set."""
+def available_host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
+    """Bytes this process may still take: the kernel's MemAvailable, within the memory limit of its
+    cgroup (a container's, a Slurm job's) and of the cgroups above it, where one is set. Page cache
+    the kernel can drop (``inactive_file``) does not count as used."""
     import psutil
 
     available = psutil.virtual_memory().available
-    for limit, usage in (("memory.max", "memory.current"),  # cgroup v2
-                         ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+    for d in _cgroup_dirs(cgroup_root, proc_cgroup):
         try:
-            cap = (cgroup / limit).read_text().strip()
-            if cap != "max":
-                available = min(available, int(cap) - int((cgroup / usage).read_text()))
-            break
+            cap = (d / "memory.max").read_text().strip()
+            if cap == "max":
+                continue
+            used = int((d / "memory.current").read_text())
+            stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines() if line.strip())
+            used -= int(stat.get("inactive_file", 0))
+            available = min(available, int(cap) - max(used, 0))
         except (OSError, ValueError):
             continue
     return max(available, 0)
+
+
+def _cgroup_dirs(root: Path, proc_cgroup: Path) -> list[Path]:
+    """This process's cgroup v2 directory and those above it (the root's own files, in a
+    container's namespace, are the container's)."""
+    try:
+        rel = next(line.split("::", 1)[1].strip() for line in proc_cgroup.read_text().splitlines()
+                   if line.startswith("0::"))
+    except (OSError, StopIteration):
+        rel = "/"
+    d, out = root / rel.lstrip("/"), []
+    while True:
+        out.append(d)
+        if d == root or root not in d.parents:
+            return out
+        d = d.parent
 
 
 def gpus_on_host() -> int:
@@ -108,9 +127,10 @@ def gpus_on_host() -> int:
 def default_host_tier_bytes(available: int, gpus_used: int, gpus_on_host: int) -> int:
     """The host tier's byte budget when ``--adapter-cache-bytes`` leaves it to loraplex: half of the
     host memory available at start, shared with the servers of the host's other GPUs (each
-    single-GPU server of an 8-GPU host gets 1/16). An adapter held there starts serving without a
-    load on the engine thread; one that is not costs every running request a pause."""
-    share = HOST_TIER_SHARE * (min(1.0, gpus_used / gpus_on_host) if gpus_on_host else 1.0)
+    single-GPU server of an 8-GPU host gets 1/16). Each tensor-parallel worker holds its own copy
+    of every adapter in the tier, so the budget is per copy. An adapter held there starts serving
+    without a load on the engine thread; one that is not costs every running request a pause."""
+    share = HOST_TIER_SHARE * (min(1.0, gpus_used / gpus_on_host) if gpus_on_host else 1.0) / max(gpus_used, 1)
     return max(int(available * share), 256 << 20)
 
 

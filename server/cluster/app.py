@@ -662,6 +662,12 @@ def run(settings: Settings, replicas: int) -> None:
 
     args = settings.model_dump(mode="json", exclude_unset=True, exclude={"replicas", "config", *SECRETS})
     args.setdefault("data_dir", str(settings.data_dir))  # one data directory for every replica
+    if "adapter_cache_bytes" not in args:
+        from server.adapters import residency
+
+        if not residency.gpus_on_host():  # every replica on this host's memory: each a share of it
+            args["adapter_cache_bytes"] = max(settings.adapter_cache_bytes // replicas, 256 << 20)
+        # on GPUs each replica sizes its own, by the GPUs it holds
     # Secrets reach the replicas through the environment the local cluster inherits, never
     # through the app's args, which Ray keeps in its GCS and shows on its dashboard.
     for field in SECRETS:

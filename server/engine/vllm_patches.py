@@ -71,6 +71,7 @@ def _in_loraplex_engines(patch):
         if os.environ.get(ENV) == "1":
             patch()
 
+    maybe.__name__ = patch.__name__
     return maybe
 
 
@@ -138,9 +139,10 @@ class _AfterImport(importlib.abc.MetaPathFinder):
         self.name, self.then = name, then
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if fullname != self.name or fullname in sys.modules:
             return None
-        sys.meta_path.remove(self)
+        # A new list: the import machinery may be iterating over the old one in another thread.
+        sys.meta_path = [f for f in sys.meta_path if f is not self]
         spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
@@ -148,18 +150,28 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
         def exec_then(module):
             exec_module(module)
-            then()
+            _run(then)
 
         spec.loader.exec_module = exec_then
         return spec
 
 
+def _run(patch) -> None:
+    """A patch only makes the engine faster: its failure is logged, never an import error of vLLM's
+    own module (that would stop the engine from starting)."""
+    try:
+        patch()
+    except Exception:
+        logger.warning("loraplex: %s failed; vLLM runs unpatched there", getattr(patch, "__name__", patch),
+                       exc_info=True)
+
+
 def after_import(name: str, then) -> None:
     """Call ``then()`` once module ``name`` is imported (now, if it already is)."""
     if name in sys.modules:
-        then()
+        _run(then)
     elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport(name, then))
+        sys.meta_path = [_AfterImport(name, then), *sys.meta_path]
 
 
 def patch_lora_membership() -> bool:
@@ -200,26 +212,20 @@ def patch_lora_membership() -> bool:
 
 def patch_lora_warmup() -> bool:
     """Run :func:`warm_lora_kernels` after vLLM's own warmup and graph capture; returns whether
-    the installed vLLM has what it needs (otherwise it changes nothing)."""
-    import inspect
-
-    from vllm.v1.worker import gpu_model_runner, gpu_worker
+    the installed vLLM has the worker step it hooks (otherwise it changes nothing)."""
+    from vllm.v1.worker import gpu_worker
 
     original = getattr(gpu_worker.Worker, "compile_or_warm_up_model", None)
     if getattr(original, "__loraplex_patched__", False):
         return True
-    dummy = getattr(gpu_model_runner.GPUModelRunner, "_dummy_run", None)
-    if original is None or dummy is None or "num_active_loras" not in inspect.signature(dummy).parameters:
-        logger.info("loraplex: this vLLM cannot run a LoRA warmup pass; LoRA kernels compile on first use")
+    if original is None:
+        logger.info("loraplex: this vLLM's worker has no warmup step to extend; LoRA kernels compile on first use")
         return False
 
     @functools.wraps(original)
     def compile_or_warm_up_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        try:
-            warm_lora_kernels(self.model_runner, self.vllm_config)
-        except Exception:  # a warmup only saves a stall later: never the reason an engine fails to start
-            logger.warning("loraplex: the LoRA kernel warmup failed; kernels compile on first use", exc_info=True)
+        _run(lambda: warm_lora_kernels(self.model_runner, self.vllm_config))
         return result
 
     compile_or_warm_up_model.__loraplex_patched__ = True
@@ -230,6 +236,7 @@ def patch_lora_warmup() -> bool:
 def warm_lora_kernels(runner, vllm_config) -> list[int]:
     """One eager forward pass with a (dummy) adapter at each batch size whose LoRA kernels no
     captured graph compiled (:func:`~server.engine.lora_kernels.warmup_sizes`)."""
+    import inspect
     import time
 
     import torch
@@ -246,9 +253,14 @@ def warm_lora_kernels(runner, vllm_config) -> list[int]:
     max_tokens = min(vllm_config.scheduler_config.max_num_batched_tokens, runner.max_num_tokens)
     keys = lora_kernels.batch_keys(envs.VLLM_TUNED_CONFIG_FOLDER, torch.cuda.get_device_name())
     sizes = lora_kernels.warmup_sizes(keys, captured, max_tokens)
+    # vLLM's V1 runner takes the graph mode and the number of active adapters; the V2 runner (the
+    # default for dense models in 0.25) runs a size past its graphs eagerly with every slot active.
+    params = inspect.signature(type(runner)._dummy_run).parameters
+    kwargs = {k: v for k, v in (("cudagraph_runtime_mode", CUDAGraphMode.NONE), ("num_active_loras", 1))
+              if k in params}
     start = time.perf_counter()
     for n in sizes:
-        runner._dummy_run(n, cudagraph_runtime_mode=CUDAGraphMode.NONE, skip_eplb=True, num_active_loras=1)
+        runner._dummy_run(n, skip_eplb=True, **kwargs)
     logger.info("loraplex: LoRA kernels warmed at batch sizes %s in %.1f s (beyond the captured %s)",
                 sizes, time.perf_counter() - start, max(captured, default=0))
     return sizes

@@ -77,9 +77,32 @@ def test_a_patch_waits_for_its_module_to_be_imported(monkeypatch):
     assert seen[-1] == "now"
 
 
+def test_a_failing_patch_never_breaks_the_import_it_waits_for(monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
+
+    def broken():
+        raise RuntimeError("this vLLM moved something")
+
+    vllm_patches.after_import("json.tool", broken)
+    import json.tool  # the import succeeds; the patch's failure is logged
+
+    assert json.tool.main
+    vllm_patches.after_import("json.tool", broken)  # already imported: the same
+
+
 def test_the_lora_warmup_hooks_the_installed_vllms_worker(monkeypatch):
-    """The GPU worker's warmup, and the dummy pass with an adapter active that the patch runs,
-    exist in the installed vLLM (both lines), so an upgrade that drops them is seen here."""
+    """The GPU worker's warmup step the patch extends exists in the installed vLLM (both lines),
+    and both model runners' dummy pass takes a batch size (the V2 runner, 0.25's default for dense
+    models, activates every slot itself)."""
+    import inspect
+
+    from vllm.v1.worker.gpu import model_runner as v2
+    from vllm.v1.worker import gpu_model_runner as v1
+
+    for runner in (v1.GPUModelRunner, v2.GPUModelRunner):
+        assert {"num_tokens", "skip_eplb"} <= inspect.signature(runner._dummy_run).parameters.keys()
     from vllm.v1.worker import gpu_worker
 
     original = gpu_worker.Worker.compile_or_warm_up_model
