@@ -225,14 +225,12 @@ class Settings(BaseSettings):
             self.grpc_ssl_certfile, self.grpc_ssl_keyfile = self.ssl_certfile, self.ssl_keyfile
         # Sized from this machine when not given, and not counted as set (``model_fields_set``): a
         # Ray replica sizes its own on its own node.
-        if self.adapter_cache_bytes is None:
-            from server.adapters import residency
+        from server.adapters import residency
 
+        if self.adapter_cache_bytes is None:
             self.__dict__["adapter_cache_bytes"] = residency.default_host_tier_bytes(
                 residency.available_host_memory(), self.tensor_parallel_size, residency.gpus_on_host())
         if self.max_cpu_loras is None:
-            from server.adapters import residency
-
             self.__dict__["max_cpu_loras"] = residency.default_max_cpu_loras(self.adapter_cache_bytes, self.max_loras)
         if self.max_cpu_loras < self.max_loras:
             raise ValueError(f"--max-cpu-loras ({self.max_cpu_loras}) must be >= --max-loras ({self.max_loras})")

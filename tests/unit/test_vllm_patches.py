@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.lora_membership import HostTier
 from server.engine import vllm_patches
 
 lora_ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
@@ -113,19 +114,13 @@ def test_the_lora_warmup_hooks_the_installed_vllms_worker(monkeypatch):
     assert vllm_patches.patch_lora_warmup() and gpu_worker.Worker.compile_or_warm_up_model is patched
 
 
-class _HostTier:
-    """The calls ``add_adapter`` makes on vLLM's LoRA model manager, over vLLM's own LRU cache."""
+class _HostTier(HostTier):
+    """benchmarks/lora_membership.py's stand-in for vLLM's LoRA model manager (vLLM's own LRU
+    cache), counting the copies and activations ``add_adapter`` asks of it."""
 
     def __init__(self, n: int):
-        from vllm.lora.model_manager import AdapterLRUCache
-
-        self._registered_adapters = AdapterLRUCache(10_000, lambda key: None)
-        for i in range(1, n + 1):
-            self._registered_adapters[i] = object()
+        super().__init__(n)
         self.activated, self.copies = [], 0
-
-    def get_adapter(self, lora_id):
-        return self._registered_adapters.get(lora_id)
 
     def activate_adapter(self, lora_id):
         self.activated.append(lora_id)
@@ -133,7 +128,7 @@ class _HostTier:
 
     def list_adapters(self):
         self.copies += 1
-        return dict(self._registered_adapters.cache)
+        return super().list_adapters()
 
 
 def test_a_loaded_adapter_is_found_without_copying_the_host_tier(monkeypatch):
