@@ -73,13 +73,17 @@ SMALL_ADAPTER_BYTES = 16 << 20  # r=8 on q and v of an 8B model is 8 MiB in bf16
 MAX_CPU_LORAS = 4096
 
 
-def available_host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")) -> int:
-    """Bytes this process may still take: the kernel's MemAvailable, within the memory limit of its
-    cgroup (a container's, a Slurm job's) and of the cgroups above it, where one is set. Page cache
-    the kernel can drop (``inactive_file``) does not count as used."""
-    import psutil
+def available_host_memory(cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup"),
+                          host_available: int | None = None) -> int:
+    """Bytes this process may still take: the kernel's MemAvailable (``host_available``, read now
+    if not given), within the memory limit of its cgroup (a container's, a Slurm job's) and of the
+    cgroups above it, where one is set. Page cache the kernel can drop (``inactive_file``) does not
+    count as used."""
+    if host_available is None:
+        import psutil
 
-    available = psutil.virtual_memory().available
+        host_available = psutil.virtual_memory().available
+    available = host_available
     for d in _cgroup_dirs(cgroup_root, proc_cgroup):
         try:
             cap = (d / "memory.max").read_text().strip()

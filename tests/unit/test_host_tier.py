@@ -19,23 +19,23 @@ def _cgroup(d, limit, current, inactive=0):
 
 
 def test_a_cgroup_limit_bounds_the_memory_available(tmp_path):
-    host = psutil.virtual_memory().available
+    host = 100 * GiB  # the kernel's MemAvailable, fixed: it moves between two reads
     proc = tmp_path / "self_cgroup"
     proc.write_text("0::/\n")
     _cgroup(tmp_path, 3 * GiB, GiB)  # a container's namespace: its own files at the root
-    assert residency.available_host_memory(tmp_path, proc) == min(host, 2 * GiB)
+    assert residency.available_host_memory(tmp_path, proc, host) == 2 * GiB
     _cgroup(tmp_path, 3 * GiB, 2 * GiB, inactive=GiB)  # page cache the kernel can drop is not used
-    assert residency.available_host_memory(tmp_path, proc) == min(host, 2 * GiB)
+    assert residency.available_host_memory(tmp_path, proc, host) == 2 * GiB
     _cgroup(tmp_path, "max", GiB)  # no limit
-    assert residency.available_host_memory(tmp_path, proc) == host
+    assert residency.available_host_memory(tmp_path, proc, host) == host
     # a Slurm job or a systemd unit: the limit is on its own cgroup, or one above it
     proc.write_text("0::/system.slice/job.scope\n")
     _cgroup(tmp_path / "system.slice", 4 * GiB, 3 * GiB)
     _cgroup(tmp_path / "system.slice" / "job.scope", "max", GiB)
-    assert residency.available_host_memory(tmp_path, proc) == min(host, GiB)
+    assert residency.available_host_memory(tmp_path, proc, host) == GiB
     _cgroup(tmp_path / "system.slice", 2 * GiB, 3 * GiB)  # already over: nothing left
-    assert residency.available_host_memory(tmp_path, proc) == 0
-    assert residency.available_host_memory(tmp_path / "none", tmp_path / "missing") == host  # no cgroup v2
+    assert residency.available_host_memory(tmp_path, proc, host) == 0
+    assert residency.available_host_memory(tmp_path / "none", tmp_path / "missing", host) == host  # no cgroup v2
 
 
 def test_the_budget_is_half_of_what_is_free_shared_with_the_hosts_other_gpus():
