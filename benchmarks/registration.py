@@ -8,6 +8,7 @@ run (``gpu_run.sh many loraplex``) times the same path with vLLM's validation lo
 adapters.
 
     python benchmarks/registration.py --n 1000 --clients 8
+    python benchmarks/registration.py --shape llama-3.1-8b --n 200 --distinct 16   # 80 MiB adapters
 """
 
 from __future__ import annotations
@@ -36,7 +37,21 @@ class InstantEngine:
         pass
 
 
-def build(work: Path, n: int, distinct: int, clients: int):
+def config_only_base(out: Path, shape: str) -> Path:
+    """A base's config and fingerprint without its weights: registration reads only the config,
+    so the 8B shape's 80 MiB adapters need no 16 GB base here."""
+    from transformers import LlamaConfig
+
+    from benchmarks.models import SHAPES
+
+    cfg = LlamaConfig(bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype="bfloat16", **SHAPES[shape])
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(out)
+    (out / "loraplex-base.json").write_text('{"fingerprint": "config-only"}')
+    return out
+
+
+def build(work: Path, n: int, distinct: int, clients: int, shape: str = "tiny"):
     import json
 
     from benchmarks.models import make_adapters, make_base
@@ -51,11 +66,11 @@ def build(work: Path, n: int, distinct: int, clients: int):
     from server.tenants.store import Quotas
     from trainer.base import resolve
 
-    base = make_base(work / "base", "tiny")
+    base = make_base(work / "base", "tiny") if shape == "tiny" else config_only_base(work / "base", shape)
     pool = work / "loras"
     make_adapters(base, n, pool, distinct=distinct)
-    b = resolve(base)
-    spec = BaseSpec.from_config("tiny", b.config, json.loads((base / "loraplex-base.json").read_text())["fingerprint"])
+    config = resolve(base).config if shape == "tiny" else json.loads((base / "config.json").read_text())
+    spec = BaseSpec.from_config(shape, config, json.loads((base / "loraplex-base.json").read_text())["fingerprint"])
     db = Database(work / "registry.sqlite3")
     settings = Settings(data_dir=work / "data", max_model_len=256, lora_roots=[pool], max_uploads=clients,
                         max_uploads_per_tenant=clients, max_cpu_loras=n, adapter_cache_bytes=1 << 40)
@@ -92,9 +107,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--distinct", type=int, default=64, help="different weight files among the N adapters")
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--work", default=None, help="where the adapters and the store go (default: the system's temp dir)")
+    p.add_argument("--shape", default="tiny", help="benchmarks/models.py SHAPES; llama-3.1-8b: 80 MiB adapters")
     a = p.parse_args()
-    with tempfile.TemporaryDirectory() as d:
-        service, key, pool = build(Path(d), a.n, a.distinct, a.clients)
+    with tempfile.TemporaryDirectory(dir=a.work) as d:
+        service, key, pool = build(Path(d), a.n, a.distinct, a.clients, a.shape)
         print(asyncio.run(register(service, key, pool, a.n, a.clients)))
 
 

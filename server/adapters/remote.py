@@ -100,6 +100,17 @@ class RemoteStore(LocalStaging):
     def exists(self, digest: str) -> bool:
         return self._manifest(digest) is not None
 
+    def touch(self, digest: str) -> bool:
+        """Restart a stored blob's grace period for every server's gc, as :meth:`put` of the same
+        bytes does (its manifest written again); False if it is not stored."""
+        import obstore
+
+        manifest = self._manifest(digest)
+        if manifest is None:
+            return False
+        self._call("an upload", obstore.put, self._obj, f"sha256/{digest}.json", json.dumps(manifest).encode())
+        return True
+
     def intact(self, digest: str) -> bool:
         import obstore
 

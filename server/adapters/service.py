@@ -114,7 +114,6 @@ class AdapterService:
         stored and registered at once, and loaded into the host tier in the background where
         there is room without evicting anything."""
         ns = self.check_upload(principal, name, tenant, replace=replace)
-        quota_rank = self._quotas(principal, ns).max_rank
         t0 = time.perf_counter()
         # File work (unpack, hash, parse, scan the tensors) runs in a worker thread: an upload
         # of hundreds of MB must not stall the streams being served.
@@ -128,9 +127,7 @@ class AdapterService:
                 info = await asyncio.to_thread(validate, staged.dir, self.base_spec,
                                                max_rank=self.settings.max_lora_rank)
             t_validate = time.perf_counter()
-            if info.rank > quota_rank:
-                raise QuotaExceeded(f"the adapter's rank is {info.rank}; tenant {ns!r}'s quota allows rank "
-                                    f"{quota_rank} at most", field="r")
+            self._check_rank(principal, ns, info)
             # The engine has one spare host-tier slot: one validation load at a time, held until
             # the loaded adapter is adopted as the new version's cache entry or dropped.
             async with contextlib.nullcontext() if known else self._validate_lock:
@@ -158,10 +155,45 @@ class AdapterService:
         logger.info("registered %s in %.2f s (hash %.2f, rules %.2f, vLLM %.2f, store %.2f)%s", new.key,
                     time.perf_counter() - t0, t_hash - t0, t_validate - t_hash, 0.0 if known else load_seconds,
                     time.perf_counter() - t_store, "; content already accepted" if known else "")
+        return await self._committed(new, old)
+
+    async def _register_stored(self, principal: Principal, ns: str, name: str, digest: str, *,
+                               replace: bool) -> AdapterRecord | None:
+        """Register content that this tenant's registrations already passed (``digest``, as
+        :meth:`StagedUpload.finish` gives it) against the blob the store holds: no bytes copied,
+        judged or loaded through the engine. None when this process has no verdict for it or the
+        blob is gone; then it goes the whole way, through :meth:`add`."""
+        info = self._accepted.get((ns, digest))
+        if info is None:
+            return None
+        self._check_rank(principal, ns, info)
+        t0 = time.perf_counter()
+        async with self._store_lock:  # this server's gc takes it too, and the others' see the blob fresh
+            if not await asyncio.to_thread(self.store.touch, digest):
+                return None
+            new, old = await asyncio.to_thread(self._write_row, principal, ns, name, digest, info, replace)
+        failpoints.hit("upload.committed")
+        if (path := self.store.path(digest)).is_dir():  # a shared store's local copy may be gone: then on first use
+            self.residency.prefetch(new.key, str(path), new.size_bytes, digest=digest, pinned=new.pinned)
+        logger.info("registered %s in %.2f s; content already stored, nothing copied", new.key,
+                    time.perf_counter() - t0)
+        return await self._committed(new, old)
+
+    async def _committed(self, new: AdapterRecord, old: AdapterRecord | None) -> AdapterRecord:
         if old is not None:
             await self._retire(old)
         await self.changed()
         return new
+
+    def _knows(self, ns: str) -> bool:
+        """Whether any content this tenant registered has a verdict in this process."""
+        return any(tenant == ns for tenant, _ in self._accepted)
+
+    def _check_rank(self, principal: Principal, ns: str, info: AdapterInfo) -> None:
+        quota_rank = self._quotas(principal, ns).max_rank
+        if info.rank > quota_rank:
+            raise QuotaExceeded(f"the adapter's rank is {info.rank}; tenant {ns!r}'s quota allows rank "
+                                f"{quota_rank} at most", field="r")
 
     async def _verdict(self, key: tuple[str, str]) -> tuple[AdapterInfo | None, asyncio.Future | None]:
         """What validation found for this content (``key``: the tenant and the digest), if this
@@ -203,18 +235,19 @@ class AdapterService:
             await asyncio.to_thread(self.store.put, staged.dir, digest=digest)
             failpoints.hit("upload.blob_stored")
             try:
-                if replace:
-                    new, old = await asyncio.to_thread(self.registry.replace, ns, name, digest, info)
-                else:
-                    new, old = await asyncio.to_thread(
-                        self.registry.add, ns, name, digest, info,
-                        max_adapters=self._quotas(principal, ns).max_adapters), None
+                new, old = await asyncio.to_thread(self._write_row, principal, ns, name, digest, info, replace)
             except BaseException:
                 if not existed and digest not in self._live():
                     await asyncio.to_thread(self.store.delete, digest)
                 raise
         failpoints.hit("upload.committed")
         return new, old
+
+    def _write_row(self, principal: Principal, ns: str, name: str, digest: str, info: AdapterInfo,
+                   replace: bool) -> tuple[AdapterRecord, AdapterRecord | None]:
+        if replace:
+            return self.registry.replace(ns, name, digest, info)
+        return self.registry.add(ns, name, digest, info, max_adapters=self._quotas(principal, ns).max_adapters), None
 
     async def upload(self, principal: Principal, name: str, *, files: list[UploadFile] | None = None,
                      tarball: bytes | None = None, tenant: str | None = None, replace: bool = False) -> AdapterRecord:
@@ -276,6 +309,14 @@ class AdapterService:
         ns = self.namespace(principal, tenant)
         replace = replace and self.registry.find(ns, name) is not None
         self.check_upload(principal, name, tenant, replace=replace)
+        if self._knows(ns):  # a copy of content already accepted (a platform's 1000 adapters over 64 files)
+            # is registered by its hash, with no copy of its bytes: 80 MiB each was 75 GB of writes.
+            # New content is read twice then (the hash here, the copy below): a second read from the
+            # page cache, against a copy, vLLM's validation load and the rules' scan of every tensor.
+            with self.uploads.hold(principal, field="lora_path"):
+                digest = await asyncio.to_thread(_digest_from_roots, real, roots, self.settings.max_upload_bytes)
+                if (rec := await self._register_stored(principal, ns, name, digest, replace=replace)) is not None:
+                    return rec
         size = await asyncio.to_thread(_dir_bytes, real)
         async with self.staging(principal, reserve=size, field="lora_path") as staged:
             await asyncio.to_thread(_copy_from_roots, real, roots, staged)
@@ -296,12 +337,13 @@ class AdapterService:
             if not src.is_dir():
                 raise InvalidArgument(f"--lora-modules {spec!r}: {path} is not a directory", field="lora_modules")
             existing = self.registry.find(tenant, name)
+            if existing is not None and await asyncio.to_thread(
+                    _digest_from_roots, src, None, self.settings.max_upload_bytes) == existing.digest:
+                out.append(existing)  # a restart: the same files, not copied again
+                continue
             size = await asyncio.to_thread(_dir_bytes, src)
             async with self.staging(operator, reserve=size, field="lora_modules") as staged:
                 await asyncio.to_thread(copy_dir, src, staged)
-                if existing is not None and await asyncio.to_thread(staged.finish) == existing.digest:
-                    out.append(existing)
-                    continue
                 rec = await self.add(operator, name, staged, tenant=tenant, replace=existing is not None,
                                      refusal_field="lora_modules")
             logger.info("--lora-modules: %s -> %s/%s version %d", path, tenant, name, rec.version)
@@ -504,12 +546,21 @@ def _module(spec: str) -> tuple[str, str]:
     return name, path
 
 
-def _copy_from_roots(src: Path, roots: list[Path], staged: StagedUpload) -> None:
+def _copy_from_roots(src: Path, roots: list[Path] | None, staged: StagedUpload) -> None:
     """A server directory's adapter files. A symlink may point anywhere under the
-    --lora-roots (say, at a shared weights file) but not outside them."""
+    --lora-roots (say, at a shared weights file) but not outside them (``roots=None``: the
+    operator's own --lora-modules, anywhere)."""
     for f in sorted(src.iterdir()):
-        if f.is_file() and not any(f.resolve().is_relative_to(r) for r in roots):
+        if roots is not None and f.is_file() and not any(f.resolve().is_relative_to(r) for r in roots):
             raise PermissionDenied(f"{f.name} in lora_path links outside the configured --lora-roots",
                                    field="lora_path")
     copy_dir(src, staged)
+
+
+def _digest_from_roots(src: Path, roots: list[Path] | None, max_bytes: int) -> str:
+    """The digest :meth:`StagedUpload.finish` would give a copy of ``src``, under the same rules,
+    with nothing written."""
+    probe = StagedUpload(None, max_bytes=max_bytes)
+    _copy_from_roots(src, roots, probe)
+    return probe.finish()
 

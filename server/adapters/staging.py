@@ -50,8 +50,8 @@ _ARCHIVE = ".upload.tar.gz"  # the raw archive inside the staging dir, removed o
 class _File:
     __slots__ = ("fh", "sha")
 
-    def __init__(self, path: Path):
-        self.fh: BinaryIO = open(path, "xb")
+    def __init__(self, path: Path | None):
+        self.fh: BinaryIO | None = None if path is None else open(path, "xb")
         self.sha = hashlib.sha256()
 
 
@@ -60,9 +60,12 @@ class StagedUpload:
 
     Chunks of different files may interleave (gRPC allows it). :meth:`finish` closes
     everything, unpacks an archive, checks the two required files are there, and returns the
-    adapter's digest (:func:`~server.adapters.store.digest_dir` of the directory)."""
+    adapter's digest (:func:`~server.adapters.store.digest_dir` of the directory).
 
-    def __init__(self, directory: Path, *, max_bytes: int = MAX_UPLOAD_BYTES):
+    ``directory=None`` writes nothing: the same rules and the same digest, for knowing whether
+    content is already stored before copying it (files only, not an archive)."""
+
+    def __init__(self, directory: Path | None, *, max_bytes: int = MAX_UPLOAD_BYTES):
         self.dir = directory
         self.max_bytes = max_bytes
         self.received = 0
@@ -79,10 +82,12 @@ class StagedUpload:
         if filename not in self._open:
             if filename in self._digests:
                 raise AdapterRejected(f"{filename!r} appears twice in the upload", field="files")
-            self._open[filename] = _File(self.dir / filename) if accept(filename) else None
+            path = None if self.dir is None else self.dir / filename
+            self._open[filename] = _File(path) if accept(filename) else None
         self._count(len(chunk))
         if (f := self._open[filename]) is not None:
-            f.fh.write(chunk)
+            if f.fh is not None:
+                f.fh.write(chunk)
             f.sha.update(chunk)
         if chunk:
             failpoints.hit("upload.body")
@@ -92,7 +97,8 @@ class StagedUpload:
         name is a duplicate."""
         f = self._open.pop(filename, None)
         if f is not None:
-            f.fh.close()
+            if f.fh is not None:
+                f.fh.close()
             self._digests[filename] = f.sha.hexdigest()
         else:
             self._digests.setdefault(filename, "")  # skipped, but seen
@@ -100,6 +106,8 @@ class StagedUpload:
     def write_archive(self, chunk: bytes) -> None:
         if self._open or any(self._digests.values()):
             raise AdapterRejected("send the adapter either as files or as one tar.gz, not both", field="archive")
+        if self.dir is None:
+            raise ValueError("an archive is unpacked on disk: give StagedUpload a directory")
         if self._archive is None:
             self._archive = _File(self.dir / _ARCHIVE)
         self._count(len(chunk))
@@ -130,7 +138,7 @@ class StagedUpload:
 
     def abort(self) -> None:
         for f in [*self._open.values(), self._archive]:
-            if f is not None:
+            if f is not None and f.fh is not None:
                 f.fh.close()
         self._open.clear()
 

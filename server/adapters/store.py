@@ -143,6 +143,15 @@ class AdapterStore(LocalStaging):
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_dir()
 
+    def touch(self, digest: str) -> bool:
+        """Restart a stored blob's grace period, as :meth:`put` of the same bytes would (a row is
+        about to refer to it); False if it is not stored."""
+        try:
+            os.utime(self.path(digest))
+        except FileNotFoundError:
+            return False
+        return self.exists(digest)
+
     def release(self, digest: str) -> None:
         """The last version using this blob was deleted or retired: its grace period starts now."""
         try:

@@ -113,6 +113,31 @@ def test_unreferenced_blobs_go_after_their_grace(s3, tmp_path):
     assert store.digests() == live
 
 
+def test_touch_restarts_a_blobs_grace_for_every_servers_gc(s3, tmp_path):
+    """A registration against a blob already stored (no bytes sent) touches it first, as a put of
+    the same bytes would: another server's gc, which shares no lock with this one, sees it fresh."""
+    url = s3.url(f"t-{time.monotonic_ns()}")
+    store = RemoteStore(url, tmp_path / "s", cache_bytes=1 << 30)
+    other = RemoteStore(url, tmp_path / "o", cache_bytes=1 << 30)
+    files = blob(40)
+    digest = digest_files(files)
+    assert store.touch(digest) is False
+    cm, path = stage(store, files)
+    store.put(path, digest=digest)
+    cm.__exit__(None, None, None)
+    import obstore
+
+    def stamp():  # what every server's gc reads the blob's age from
+        return obstore.head(store._obj, f"sha256/{digest}.json")["last_modified"]
+
+    before = stamp()
+    time.sleep(1.1)  # S3's last-modified counts whole seconds
+    assert store.touch(digest) is True
+    assert stamp() > before
+    assert other.gc(set(), grace_s=0) == [digest]
+    assert store.touch(digest) is False
+
+
 def test_a_store_that_does_not_answer_is_store_unavailable(s3, tmp_path):
     url = s3.url(f"t-{time.monotonic_ns()}")
     store = RemoteStore(url, tmp_path / "s", cache_bytes=1 << 30)

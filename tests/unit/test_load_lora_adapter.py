@@ -203,3 +203,162 @@ def test_a_verdict_is_one_tenants_own(tmp_path):
     asyncio.run(service.adapters.upload(other, "mine", files=uploads(adapter_files())))
     asyncio.run(service.adapters.upload(other, "again", files=uploads(adapter_files())))
     assert sum(n.startswith("validate-") for n in engine.names) == 2  # once per tenant
+
+
+class CountingStore(AdapterStore):
+    """The real local store, counting the staging directories it hands out (each one a copy of
+    an adapter's bytes)."""
+
+    staged = 0
+
+    def staging_dir(self):
+        self.staged += 1
+        return super().staging_dir()
+
+
+def make_counting(tmp_path, engine) -> tuple[Service, object, str, CountingStore]:
+    service, admin, src = make(tmp_path, engine)
+    store = CountingStore(tmp_path / "adapters")
+    service.adapters.store = service.store = store
+    return service, admin, src, store
+
+
+def test_a_server_path_with_content_already_stored_is_registered_without_copying_it(tmp_path):
+    """A platform's 1000 adapters over 64 weight files: the copies are registered by their hash
+    against the stored blob, with no bytes copied and no second judgment, each under its own
+    name and loaded into the host tier's free room."""
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+
+    async def main():
+        first = await service.adapters.load_from_path(admin, "first", src)
+        copies = [await service.adapters.load_from_path(admin, f"copy{i}", src) for i in range(3)]
+        await service.residency.prefetched()
+        return first, copies
+
+    first, copies = asyncio.run(main())
+    assert store.staged == 1  # the first registration's copy only
+    assert {r.digest for r in copies} == {first.digest} and store.digests() == {first.digest}
+    assert sum(n.startswith("validate-") for n in engine.names) == 1
+    assert [service.adapters.get_adapter(admin, f"copy{i}").version for i in range(3)] == [1, 1, 1]
+    assert {service.adapters.residency_of(r) for r in copies} == {"loaded"}
+
+
+def test_changed_files_at_a_known_path_go_the_whole_way(tmp_path):
+    """The hash decides, not the path: edited weights are new content, copied and judged."""
+    from pathlib import Path
+
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+    first = asyncio.run(service.adapters.load_from_path(admin, "first", src))
+    for f in Path(src).iterdir():
+        f.unlink()
+    for name, data in adapter_files(fingerprint=None).items():
+        (Path(src) / name).write_bytes(data)
+    second = asyncio.run(service.adapters.load_from_path(admin, "second", src))
+    assert second.digest != first.digest and store.staged == 2
+    assert sum(n.startswith("validate-") for n in engine.names) == 2
+
+
+def test_a_known_copy_is_still_held_to_the_tenants_rank_quota(tmp_path):
+    """The verdict is remembered, the quota is read now: a tenant whose rank quota was lowered
+    cannot register another copy of what it registered before."""
+    from server.errors import QuotaExceeded
+    from server.tenants.store import Quotas
+
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+    service.tenants.create("small", Role.TENANT)
+    asyncio.run(service.adapters.load_from_path(admin, "one", src, tenant="small"))
+    service.tenants.set_quotas("small", Quotas(max_rank=1))
+    with pytest.raises(QuotaExceeded, match="rank") as err:
+        asyncio.run(service.adapters.load_from_path(admin, "two", src, tenant="small"))
+    assert err.value.field == "r" and store.staged == 1  # refused on the fast path, nothing copied
+    assert [r.name for r in service.adapters.list_adapters(admin, "small")] == ["one"]
+
+
+def test_a_known_copy_linking_outside_the_roots_is_still_refused(tmp_path):
+    """The fast path hashes the files where they lie, under the same rule as a copy: a file that
+    links outside --lora-roots is refused, even when its bytes are content already stored."""
+    from server.errors import PermissionDenied
+
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+    asyncio.run(service.adapters.load_from_path(admin, "first", src))
+    outside, sneaky = tmp_path / "outside", tmp_path / "loras" / "sneaky"
+    outside.mkdir()
+    sneaky.mkdir()
+    for name, data in adapter_files().items():
+        (outside / name).write_bytes(data)
+        (sneaky / name).symlink_to(outside / name)
+    with pytest.raises(PermissionDenied, match="outside") as err:
+        asyncio.run(service.adapters.load_from_path(admin, "sneaky", str(sneaky)))
+    assert err.value.field == "lora_path"
+    with pytest.raises(NotFound):
+        service.adapters.get_adapter(admin, "sneaky")
+
+
+def test_a_known_copy_whose_blob_is_gone_goes_the_whole_way(tmp_path):
+    """A verdict outlives the blob it was given for (every copy deleted, its grace passed): the
+    next copy is staged, judged and stored again, not registered against nothing."""
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+    service.adapters.gc_grace_s = 0
+
+    async def main():
+        first = await service.adapters.load_from_path(admin, "first", src)
+        await service.adapters.delete(admin, "first")
+        assert store.digests() == set()
+        again = await service.adapters.load_from_path(admin, "again", src)
+        return first, again
+
+    first, again = asyncio.run(main())
+    assert again.digest == first.digest and store.digests() == {first.digest} and store.intact(first.digest)
+    assert store.staged == 2
+
+
+def test_a_known_copy_still_meets_the_name_and_count_rules(tmp_path):
+    from server.errors import Conflict, QuotaExceeded
+    from server.tenants.store import Quotas
+
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+    asyncio.run(service.adapters.load_from_path(admin, "first", src))
+    with pytest.raises(Conflict):
+        asyncio.run(service.adapters.load_from_path(admin, "first", src))
+    service.tenants.create("small", Role.TENANT, Quotas(max_adapters=1))
+    asyncio.run(service.adapters.load_from_path(admin, "one", src, tenant="small"))
+    with pytest.raises(QuotaExceeded):
+        asyncio.run(service.adapters.load_from_path(admin, "two", src, tenant="small"))
+    assert [r.name for r in service.adapters.list_adapters(admin, "small")] == ["one"]
+
+
+def test_a_known_copy_replaces_a_version_in_place(tmp_path):
+    """vLLM's load_inplace over a path whose content is already stored: a new version, the old
+    one retired, still with nothing copied."""
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+
+    async def main():
+        await service.adapters.load_from_path(admin, "first", src)
+        await service.adapters.upload(admin, "b", files=uploads(adapter_files(fingerprint=None)))
+        staged = store.staged
+        new = await service.adapters.load_from_path(admin, "b", src, replace=True)
+        return staged, new
+
+    staged, new = asyncio.run(main())
+    assert store.staged == staged and new.version == 2
+    assert service.adapters.get_adapter(admin, "b").digest == service.adapters.get_adapter(admin, "first").digest
+    asyncio.run(service.adapters.settled())
+    versions = service.registry._db.query("SELECT version, status FROM adapters WHERE name = 'b' ORDER BY version")
+    assert [tuple(r) for r in versions] == [(2, "active")]  # version 1 retired, drained and reclaimed
+
+
+def test_lora_modules_at_a_restart_are_not_copied_again(tmp_path):
+    """--lora-modules registers at every start: files that did not change are kept as they are,
+    with no copy of their bytes."""
+    engine = Engine()
+    service, admin, src, store = make_counting(tmp_path, engine)
+    first = asyncio.run(service.adapters.register_modules([f"mod={src}"], "ops"))
+    again = asyncio.run(service.adapters.register_modules([f"mod={src}"], "ops"))
+    assert again == first and store.staged == 1
