@@ -139,7 +139,7 @@ def _bench(fn, reps: int = 10, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
-def tune(shape: dict, rank: int, max_loras: int, budget_s: float) -> dict:
+def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str = "worklist") -> dict:
     import torch
     import vllm.lora.ops.triton_ops.lora_expand_op as expand_mod
     import vllm.lora.ops.triton_ops.lora_shrink_op as shrink_mod
@@ -154,6 +154,19 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float) -> dict:
         return forced[op_type] or vllm_configs(op_type, *args, **kwargs)
 
     shrink_mod.get_lora_op_configs = expand_mod.get_lora_op_configs = configs
+    mods = {"shrink": shrink_mod, "expand": expand_mod}
+    launches = {op: {"vllm": getattr(mod, f"_lora_{op}_kernel")} for op, mod in mods.items()}
+    if schedule == "worklist":
+        from server.engine.vllm_patches import patch_lora_worklist
+
+        for op, mod in mods.items():
+            assert patch_lora_worklist(op, mod), f"vLLM's {op} kernel no longer takes the work-list launch"
+            launches[op]["worklist"] = getattr(mod, f"_lora_{op}_kernel")
+
+    def use(op: str, launch: str) -> None:
+        setattr(mods[op], f"_lora_{op}_kernel", launches[op][launch])
+
+    worst_diff = 0.0
     dev = torch.device("cuda")
     torch.manual_seed(0)
     meta = LoRAKernelMeta.make(max_loras, max(BATCHES), dev)
@@ -178,10 +191,27 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float) -> dict:
                     "shrink": lambda: lora_shrink(x[:m], a, buf, *args, 1.0),
                     "expand": lambda: lora_expand(buf, b, y[:m], *args, offset_start=0, add_inputs=True),
                 }
+                if schedule == "worklist":  # the same answer as vLLM's launch, or no timing at all
+                    results = []
+                    for launch in ("vllm", "worklist"):
+                        use("shrink", launch), use("expand", launch)
+                        buf.zero_(), y.zero_()
+                        calls["shrink"](), calls["expand"]()
+                        results.append((buf.clone(), y[:m].float().clone()))
+                    for got, want in zip(results[1], results[0]):
+                        diff = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                        worst_diff = max(worst_diff, diff)
+                        if diff > 1e-2:
+                            raise SystemExit(f"{name} m={m} adapters={adapters}: the work-list launch differs "
+                                             f"from vLLM's by {diff:.3g} of the largest value")
                 for op, candidates in (("shrink", SHRINK), ("expand", EXPAND)):
                     row = timings.setdefault((name, op, m), {})
                     forced[op] = None
                     reps = 10 if m <= 256 else 3
+                    if schedule == "worklist":  # vLLM as it runs without loraplex: its launch and config
+                        use(op, "vllm")
+                        row.setdefault("vllm", {})[adapters] = _bench(calls[op], reps)
+                        use(op, "worklist")
                     row.setdefault("default", {})[adapters] = _bench(calls[op], reps)
                     for cfg in candidates:
                         if time.monotonic() > deadline:
@@ -195,7 +225,7 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float) -> dict:
                             print(f"  {name} {op} {key}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     forced[op] = None
         print(f"{name}: measured in {time.monotonic() - t0:.0f} s", flush=True)
-    return {"timings": timings, "seconds": time.monotonic() - t0}
+    return {"timings": timings, "seconds": time.monotonic() - t0, "worst_relative_diff": worst_diff}
 
 
 def report(shape: dict, rank: int, max_loras: int, timings: dict, default_of) -> tuple[dict, dict]:
@@ -216,7 +246,7 @@ def report(shape: dict, rank: int, max_loras: int, timings: dict, default_of) ->
     grouped: dict = {}  # (op, slices, m, k, n) -> candidate -> adapters -> summed us
     for key, rows in members.items():
         counts = set(rows[0]["default"])
-        for cand in rows[0]:
+        for cand in (c for c in rows[0] if c != "vllm"):  # "vllm" is vLLM's own launch, no candidate
             # a candidate counts only where it was timed for every layer of the key at every
             # adapter count (the budget may end between o_proj and down_proj)
             if all(set(r.get(cand, {})) >= counts for r in rows):
@@ -232,9 +262,15 @@ def report(shape: dict, rank: int, max_loras: int, timings: dict, default_of) ->
             cell = per_pass.setdefault(f"m={m} adapters={adapters}", {"default_ms": 0.0, "tuned_ms": 0.0})
             cell["default_ms"] += us * layers / 1000
             cell["tuned_ms"] += row[pick][adapters] * layers / 1000  # choose() picks only fully timed ones
+            if adapters in row.get("vllm", {}):
+                cell["vllm_ms"] = cell.get("vllm_ms", 0.0) + row["vllm"][adapters] * layers / 1000
     for cell in per_pass.values():
         cell["speedup"] = round(cell["default_ms"] / cell["tuned_ms"], 2)
-        cell["default_ms"], cell["tuned_ms"] = round(cell["default_ms"], 3), round(cell["tuned_ms"], 3)
+        if "vllm_ms" in cell:
+            cell["vs_vllm"] = round(cell["vllm_ms"] / cell["tuned_ms"], 2)
+        for k in ("default_ms", "tuned_ms", "vllm_ms"):
+            if k in cell:
+                cell[k] = round(cell[k], 3)
     return chosen, {"lora_ms_per_forward_pass": per_pass,
                     "chosen": {"/".join(map(str, k)): v for k, v in picked.items()}}
 
@@ -271,6 +307,9 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-loras", type=int, default=128, help="the engine's --max-loras (slots)")
     p.add_argument("--budget-s", type=float, default=300, help="stop trying candidates after this long")
+    p.add_argument("--schedule", choices=("worklist", "vllm"), default="worklist",
+                   help="tune the kernels as loraplex launches them (over the adapters' token blocks, "
+                        "timing vLLM's own launch beside them as 'vllm_ms') or as vLLM does")
     p.add_argument("--from", dest="source", type=Path,
                    help="choose again from the timings of an earlier run's lora_kernels.json (no GPU)")
     p.add_argument("--out", type=Path, required=True)
@@ -283,9 +322,10 @@ def main() -> None:
         import torch
         import vllm
 
-        result = tune(SHAPES[a.shape], a.rank, a.max_loras, a.budget_s)
+        result = tune(SHAPES[a.shape], a.rank, a.max_loras, a.budget_s, a.schedule)
         timings = result["timings"]
-        doc = {"hardware": torch.cuda.get_device_name(),
+        doc = {"hardware": torch.cuda.get_device_name(), "schedule": a.schedule,
+               "worst_relative_diff_vs_vllm": result["worst_relative_diff"],
                "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
                "command": " ".join(["python", "benchmarks/lora_kernels.py", *sys.argv[1:]]),
                "shape": a.shape, "rank": a.rank, "max_loras": a.max_loras, "seconds": round(result["seconds"], 1)}
@@ -296,7 +336,8 @@ def main() -> None:
         doc["rechosen"] = " ".join(["python", "benchmarks/lora_kernels.py", *sys.argv[1:]])
     (a.out / "lora_kernels.json").write_text(json.dumps(doc, indent=1))
     for k, cell in sorted(summary["lora_ms_per_forward_pass"].items(), key=lambda kv: kv[0]):
-        print(f"{k:>24}: {cell['default_ms']:8.3f} ms -> {cell['tuned_ms']:8.3f} ms  ({cell['speedup']}x)")
+        vs = f"  vLLM's launch {cell['vllm_ms']:8.3f} ms ({cell['vs_vllm']}x)" if "vllm_ms" in cell else ""
+        print(f"{k:>24}: {cell['default_ms']:8.3f} ms -> {cell['tuned_ms']:8.3f} ms  ({cell['speedup']}x){vs}")
     print("wrote", *[f.name for f in files])
 
 

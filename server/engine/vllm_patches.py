@@ -19,6 +19,12 @@ captured size used: its first launch then compiles them on the engine thread, an
 request waits (3.9 s of TTFT p99 on an H100). :func:`patch_lora_warmup` runs one eager pass with
 an adapter active at each such size while the engine starts.
 
+**LoRA kernels whose cost follows the batch, not the adapters (GPU).** vLLM launches its shrink and
+expand kernels with a block per (token block of the whole batch, active adapter), nearly all of
+them empty when a batch spreads over many adapters. :func:`patch_lora_worklist` launches the same
+arithmetic over a list of the adapters' own token blocks (:mod:`server.engine.lora_worklist`).
+``LORAPLEX_LORA_SCHEDULE=vllm`` keeps vLLM's launch (for side-by-side runs).
+
 **Host-tier copies before every step.** See :func:`patch_lora_membership`: vLLM's per-step
 check of whether each adapter in the batch is loaded copied the whole host tier, so the step
 slowed with every adapter held in host memory -- the bigger the tier, the slower.
@@ -47,6 +53,7 @@ import sys
 logger = logging.getLogger("vllm.loraplex")
 
 ENV = "LORAPLEX_ENGINE_PATCHES"
+SCHEDULE_ENV = "LORAPLEX_LORA_SCHEDULE"
 PLUGIN = "loraplex"
 _KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 
@@ -62,6 +69,10 @@ def apply() -> None:
     after_import("vllm.lora.worker_manager", _in_loraplex_engines(patch_lora_membership))
     if current_platform.is_cuda():
         after_import("vllm.v1.worker.gpu_worker", _in_loraplex_engines(patch_lora_warmup))
+        if os.environ.get(SCHEDULE_ENV, "worklist") == "worklist":
+            for op in ("shrink", "expand"):
+                after_import(f"vllm.lora.ops.triton_ops.lora_{op}_op",
+                             _in_loraplex_engines(functools.partial(patch_lora_worklist, op)))
     if current_platform.is_cpu() and os.environ.get(ENV) == "1":
         patch_cpu_lora_kernels()
 
@@ -207,6 +218,34 @@ def patch_lora_membership() -> bool:
     add_adapter.__loraplex_patched__ = True
     LRUCacheWorkerLoRAManager.add_adapter = add_adapter
     logger.info("loraplex: vLLM's per-step adapter lookup no longer copies the host tier (pid %d)", os.getpid())
+    return True
+
+
+def patch_lora_worklist(op: str, module=None) -> bool:
+    """Launch vLLM's LoRA ``op`` ("shrink" or "expand") over the adapters' token blocks
+    (:mod:`server.engine.lora_worklist`); returns whether it did. vLLM's op looks its kernel up
+    as a module global at each call, so the work-list launch takes that name; a vLLM whose
+    kernel takes other arguments keeps its own."""
+    import importlib
+
+    from server.engine import lora_worklist
+
+    module = module or importlib.import_module(f"vllm.lora.ops.triton_ops.lora_{op}_op")
+    name = f"_lora_{op}_kernel"
+    original = getattr(module, name, None)
+    if original is None or getattr(original, "__loraplex_patched__", False):
+        return original is not None
+    ours = lora_worklist.shrink_kernel if op == "shrink" else lora_worklist.expand_kernel
+    vllm_args = list(getattr(original, "arg_names", ()))
+    if not lora_worklist.compatible(vllm_args, ours):
+        logger.info("loraplex: vLLM's LoRA %s kernel takes other arguments (%s); its own launch is kept",
+                    op, ", ".join(vllm_args))
+        return False
+    launch = lora_worklist.launcher(ours, vllm_args, op)
+    launch.__loraplex_patched__ = True
+    launch.original = original
+    setattr(module, name, launch)
+    logger.info("loraplex: vLLM's LoRA %s runs over the adapters' token blocks (pid %d)", op, os.getpid())
     return True
 
 
