@@ -70,6 +70,7 @@ def apply() -> None:
     if current_platform.is_cuda():
         after_import("vllm.v1.worker.gpu_worker", _in_loraplex_engines(patch_lora_warmup))
         if os.environ.get(SCHEDULE_ENV, "worklist") == "worklist":
+            after_import("vllm.v1.worker.gpu_worker", _in_loraplex_engines(patch_worklist_check))
             for op in ("shrink", "expand"):
                 after_import(f"vllm.lora.ops.triton_ops.lora_{op}_op",
                              _in_loraplex_engines(functools.partial(patch_lora_worklist, op)))
@@ -246,6 +247,86 @@ def patch_lora_worklist(op: str, module=None) -> bool:
     launch.original = original
     setattr(module, name, launch)
     logger.info("loraplex: vLLM's LoRA %s runs over the adapters' token blocks (pid %d)", op, os.getpid())
+    return True
+
+
+def patch_worklist_check() -> bool:
+    """Run :func:`verify_lora_worklist` once the worker has loaded the model: on the engine's own
+    GPU, before vLLM profiles memory, compiles or captures a graph with the kernels."""
+    from vllm.v1.worker import gpu_worker
+
+    original = getattr(gpu_worker.Worker, "load_model", None)
+    if original is None or getattr(original, "__loraplex_patched__", False):
+        return original is not None
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if getattr(self.model_runner, "lora_config", None) is not None:
+            _run(verify_lora_worklist)
+        return result
+
+    load_model.__loraplex_patched__ = True
+    gpu_worker.Worker.load_model = load_model
+    return True
+
+
+def verify_lora_worklist(device: str = "cuda") -> bool:
+    """Run vLLM's LoRA ops on small random inputs with vLLM's launch and with the work list; if the
+    two differ, or the work list fails to compile here, put vLLM's launch back. Returns whether the
+    work list stays. A faster kernel that computed another answer would hand one tenant's tokens
+    another's math, and nothing downstream would notice."""
+    import importlib
+
+    import torch
+    from vllm.lora.ops.triton_ops import lora_expand, lora_shrink, utils
+    from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+
+    mods = {op: importlib.import_module(f"vllm.lora.ops.triton_ops.lora_{op}_op") for op in ("shrink", "expand")}
+    launches = {op: getattr(mod, f"_lora_{op}_kernel") for op, mod in mods.items()}
+    if not all(getattr(launch, "__loraplex_patched__", False) for launch in launches.values()):
+        return False
+
+    def use(which: str) -> None:
+        for op, mod in mods.items():
+            setattr(mod, f"_lora_{op}_kernel", launches[op] if which == "worklist" else launches[op].original)
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    slots, rank, k_in, widths, m = 4, 16, 256, (128, 64, 64), 67  # an adapter over several token blocks
+    bf16 = dict(dtype=torch.bfloat16, device=device)
+    x = torch.randn(m, k_in, generator=gen, **bf16)
+    a = tuple(torch.randn(slots, 1, rank, k_in, generator=gen, **bf16) * 0.1 for _ in widths)
+    b = tuple(torch.randn(slots, 1, n, rank, generator=gen, **bf16) * 0.1 for n in widths)
+    meta = LoRAKernelMeta.make(slots, m, device)
+    meta.prepare_tensors(torch.randint(-1, slots, (m,), generator=gen, device=device, dtype=torch.int32))
+    args = meta.meta_args(m, True)
+
+    def run():
+        buf = torch.zeros(len(widths), m, rank, dtype=torch.float32, device=device)
+        y = torch.zeros(m, sum(widths), **bf16)
+        lora_shrink(x, a, buf, *args, 1.0)
+        lora_expand(buf, b, y, *args, offset_start=0, add_inputs=True)
+        return buf, y.float()
+
+    try:
+        use("vllm")
+        want = run()
+        use("worklist")
+        got = run()
+        diff = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item() for g, w in zip(got, want))
+        error = None if diff <= 1e-2 else f"differs from vLLM's by {diff:.3g} of the largest value"
+    except Exception as e:  # noqa: BLE001 - a compile or launch failure on this card
+        error = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        # vLLM caches each weight tuple's pointer table by address; these tensors are freed now
+        for cache, ws in ((utils._LORA_A_PTR_DICT, a), (utils._LORA_B_PTR_DICT, b)):
+            cache.pop(tuple(w.data_ptr() for w in ws), None)
+    if error:
+        use("vllm")
+        logger.warning("loraplex: the work-list LoRA launch %s on this GPU; vLLM's own launch is kept", error)
+        return False
+    logger.info("loraplex: the work-list LoRA launch gives vLLM's answer on this GPU (largest difference %.2g)",
+                diff)
     return True
 
 
