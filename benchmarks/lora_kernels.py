@@ -145,6 +145,7 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str 
     import vllm.lora.ops.triton_ops.lora_shrink_op as shrink_mod
     from vllm.lora.ops.triton_ops import lora_expand, lora_shrink
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+    from vllm.lora.utils import get_captured_lora_counts
 
     assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ, "unset VLLM_TUNED_CONFIG_FOLDER: defaults are the baseline"
     vllm_configs = shrink_mod.get_lora_op_configs
@@ -169,7 +170,9 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str 
     worst_diff = 0.0
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    meta = LoRAKernelMeta.make(max_loras, max(BATCHES), dev)
+    # the active-adapter counts as the engine rounds them under --specialize-active-lora
+    meta = LoRAKernelMeta.make(max_loras, max(BATCHES), dev,
+                               captured_lora_counts=get_captured_lora_counts(max_loras, True))
     t0 = time.monotonic()
     timings: dict = {}  # (module, op, m) -> candidate -> adapters -> us
     layers = modules(shape)

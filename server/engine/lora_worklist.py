@@ -30,15 +30,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _entry(w, num_tokens_per_lora, lora_ids, num_loras, BLOCK_M: tl.constexpr, LORA_SLOTS: tl.constexpr):
+def _entry(w, M, num_tokens_per_lora, lora_ids, num_loras, BLOCK_M: tl.constexpr, LORA_SLOTS: tl.constexpr):
     """Work-list entry ``w``: (index into lora_ids, first token of the block within that adapter's
     tokens, tokens in the block); index -1 past the last entry. Adapters are in lora_ids' order,
-    each with ``cdiv(tokens, BLOCK_M)`` entries; id -1 (tokens without an adapter) has none."""
+    each with ``cdiv(tokens, BLOCK_M)`` entries, at most vLLM's ``cdiv(M, BLOCK_M)`` (where vLLM
+    hands the kernels more tokens than M, as with LoRA'd prompt logits, neither reads past it);
+    id -1 (tokens without an adapter) has none."""
     offs = tl.arange(0, LORA_SLOTS)
     live = offs < num_loras
     counts = tl.load(num_tokens_per_lora + offs, mask=live, other=0)
     ids = tl.load(lora_ids + offs, mask=live, other=-1)
-    blocks = tl.where(ids != -1, (counts + BLOCK_M - 1) // BLOCK_M, 0)
+    blocks = tl.where(ids != -1, tl.minimum((counts + BLOCK_M - 1) // BLOCK_M, (M + BLOCK_M - 1) // BLOCK_M), 0)
     ends = tl.cumsum(blocks, 0)
     idx = tl.sum((ends <= w).to(tl.int32), 0)
     before = tl.sum(tl.where(offs < idx, blocks, 0), 0)
@@ -65,7 +67,7 @@ def shrink_kernel(
     pid_sk = pid % SPLIT_K
     pid_n = (pid // SPLIT_K) % tl.cdiv(N, BLOCK_N)
     w = (pid // SPLIT_K) // tl.cdiv(N, BLOCK_N)
-    lora_idx, m_off, m_len = _entry(w, num_tokens_per_lora, lora_ids, num_loras, BLOCK_M, LORA_SLOTS)
+    lora_idx, m_off, m_len = _entry(w, M, num_tokens_per_lora, lora_ids, num_loras, BLOCK_M, LORA_SLOTS)
     if lora_idx < 0:
         return
     lora_id = tl.load(lora_ids + lora_idx)
@@ -125,7 +127,7 @@ def expand_kernel(
     curr_n = N if SAME_STRIDE else tl.load(output_hs_ptr + slice_id)
     if pid_n * BLOCK_N >= curr_n:
         return
-    lora_idx, m_off, m_len = _entry(w, num_tokens_per_lora, lora_ids, num_loras, BLOCK_M, LORA_SLOTS)
+    lora_idx, m_off, m_len = _entry(w, M, num_tokens_per_lora, lora_ids, num_loras, BLOCK_M, LORA_SLOTS)
     if lora_idx < 0:
         return
     lora_id = tl.load(lora_ids + lora_idx)
@@ -199,8 +201,7 @@ def launcher(kernel, vllm_arg_names: list[str], op: str):
         def __getitem__(self, grid):
             def launch(*args, **options):
                 named = dict(zip(vllm_arg_names, args))
-                named.update({k: options.pop(k) for k in list(options) if k in vllm_arg_names})
-                options.pop("launch_pdl", None)
+                named.update({k: options.pop(k) for k in list(options) if k in vllm_arg_names})  # launch_pdl too
                 num_loras, n_cols = grid[2], named["N"]
                 slots = triton.next_power_of_2(named["lora_ids"].numel())
                 work = entries(named["M"], named["BLOCK_M"], num_loras)

@@ -263,7 +263,7 @@ def patch_worklist_check() -> bool:
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         if getattr(self.model_runner, "lora_config", None) is not None:
-            _run(verify_lora_worklist)
+            _run(lambda: verify_lora_worklist(self.model_runner.lora_config, self.model_runner.dtype))
         return result
 
     load_model.__loraplex_patched__ = True
@@ -271,16 +271,19 @@ def patch_worklist_check() -> bool:
     return True
 
 
-def verify_lora_worklist(device: str = "cuda") -> bool:
-    """Run vLLM's LoRA ops on small random inputs with vLLM's launch and with the work list; if the
-    two differ, or the work list fails to compile here, put vLLM's launch back. Returns whether the
-    work list stays. A faster kernel that computed another answer would hand one tenant's tokens
-    another's math, and nothing downstream would notice."""
+def verify_lora_worklist(lora_config, dtype, device: str = "cuda") -> bool:
+    """Run vLLM's LoRA ops on small random inputs with vLLM's launch and with the work list, at the
+    engine's slot count, rank, dtype and graph specialization (so with the block sizes and the
+    compiled variants it will launch); if the two differ, or the work list fails to build here,
+    put vLLM's launch back. Returns whether the work list stays. A faster kernel that computed
+    another answer would hand one tenant's tokens another's math, and nothing downstream would
+    notice."""
     import importlib
 
     import torch
     from vllm.lora.ops.triton_ops import lora_expand, lora_shrink, utils
     from vllm.lora.ops.triton_ops.lora_kernel_metadata import LoRAKernelMeta
+    from vllm.lora.utils import get_captured_lora_counts
 
     mods = {op: importlib.import_module(f"vllm.lora.ops.triton_ops.lora_{op}_op") for op in ("shrink", "expand")}
     launches = {op: getattr(mod, f"_lora_{op}_kernel") for op, mod in mods.items()}
@@ -291,42 +294,51 @@ def verify_lora_worklist(device: str = "cuda") -> bool:
         for op, mod in mods.items():
             setattr(mod, f"_lora_{op}_kernel", launches[op] if which == "worklist" else launches[op].original)
 
-    gen = torch.Generator(device=device).manual_seed(0)
-    slots, rank, k_in, widths, m = 4, 16, 256, (128, 64, 64), 67  # an adapter over several token blocks
-    bf16 = dict(dtype=torch.bfloat16, device=device)
-    x = torch.randn(m, k_in, generator=gen, **bf16)
-    a = tuple(torch.randn(slots, 1, rank, k_in, generator=gen, **bf16) * 0.1 for _ in widths)
-    b = tuple(torch.randn(slots, 1, n, rank, generator=gen, **bf16) * 0.1 for n in widths)
-    meta = LoRAKernelMeta.make(slots, m, device)
-    meta.prepare_tensors(torch.randint(-1, slots, (m,), generator=gen, device=device, dtype=torch.int32))
-    args = meta.meta_args(m, True)
-
-    def run():
-        buf = torch.zeros(len(widths), m, rank, dtype=torch.float32, device=device)
-        y = torch.zeros(m, sum(widths), **bf16)
-        lora_shrink(x, a, buf, *args, 1.0)
-        lora_expand(buf, b, y, *args, offset_start=0, add_inputs=True)
-        return buf, y.float()
-
+    slots, rank = lora_config.max_loras, lora_config.max_lora_rank
+    specialize = bool(getattr(lora_config, "specialize_active_lora", False))
+    k_in, widths, m = 256, (128, 64, 64), 67  # an adapter over several token blocks, a 3-slice layer
+    made: list = []
+    error, diff = None, 0.0
     try:
-        use("vllm")
-        want = run()
-        use("worklist")
-        got = run()
-        diff = max(((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item() for g, w in zip(got, want))
-        error = None if diff <= 1e-2 else f"differs from vLLM's by {diff:.3g} of the largest value"
+        gen = torch.Generator(device=device).manual_seed(0)
+        like = dict(dtype=dtype, device=device)
+        x = torch.randn(m, k_in, generator=gen, **like)
+        a = tuple(torch.randn(slots, 1, rank, k_in, generator=gen, **like) * 0.1 for _ in widths)
+        b = tuple(torch.randn(slots, 1, n, rank, generator=gen, **like) * 0.1 for n in widths)
+        made += [a, b]
+        meta = LoRAKernelMeta.make(slots, m, device, captured_lora_counts=get_captured_lora_counts(slots, specialize))
+        active = min(slots, 5)
+        meta.prepare_tensors(torch.randint(-1, active, (m,), generator=gen, device=device, dtype=torch.int32))
+        args = meta.meta_args(m, specialize)
+
+        def run(add_inputs: bool):
+            buf = torch.zeros(len(widths), m, rank, dtype=torch.float32, device=device)
+            y = torch.ones(m, sum(widths), **like)
+            lora_shrink(x, a, buf, *args, 1.0)
+            lora_expand(buf, b, y, *args, offset_start=0, add_inputs=add_inputs)
+            return buf, y.float()
+
+        for add_inputs in (True, False):
+            use("vllm")
+            want = run(add_inputs)
+            use("worklist")
+            got = run(add_inputs)
+            diff = max([diff] + [((g - w).abs().max() / w.abs().max().clamp_min(1e-6)).item()
+                                 for g, w in zip(got, want)])
+        if diff > 1e-2:
+            error = f"differs from vLLM's by {diff:.3g} of the largest value"
     except Exception as e:  # noqa: BLE001 - a compile or launch failure on this card
         error = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
         # vLLM caches each weight tuple's pointer table by address; these tensors are freed now
-        for cache, ws in ((utils._LORA_A_PTR_DICT, a), (utils._LORA_B_PTR_DICT, b)):
+        for cache, ws in zip((utils._LORA_A_PTR_DICT, utils._LORA_B_PTR_DICT), made):
             cache.pop(tuple(w.data_ptr() for w in ws), None)
     if error:
         use("vllm")
         logger.warning("loraplex: the work-list LoRA launch %s on this GPU; vLLM's own launch is kept", error)
         return False
-    logger.info("loraplex: the work-list LoRA launch gives vLLM's answer on this GPU (largest difference %.2g)",
-                diff)
+    logger.info("loraplex: the work-list LoRA launch gives vLLM's answer on this GPU (%d slots, rank %d, %s, "
+                "largest difference %.2g)", slots, rank, str(dtype).removeprefix("torch."), diff)
     return True
 
 
