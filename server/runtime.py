@@ -81,6 +81,7 @@ def build(settings: Settings, *, engine=None, shared: bool = False) -> Service:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             enable_prefix_caching=settings.enable_prefix_caching, tensor_parallel_size=settings.tensor_parallel_size,
             fully_sharded_loras=settings.fully_sharded_loras, lora_kernel_configs=settings.lora_kernel_configs,
+            lora_kernel_launch=settings.lora_kernel_launch,
             extra=tuple(sorted(settings.engine_args.items()))))
         engine.start()
     tool_parser = None

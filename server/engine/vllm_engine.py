@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine import lora_kernels
+from server.engine import lora_kernels, vllm_patches
 from server.engine.types import Completion, Sampling, TokenLogprob
 from server.errors import EngineNotReady, InvalidArgument
 
@@ -110,6 +110,7 @@ class EngineOptions:
     tensor_parallel_size: int = 1
     fully_sharded_loras: bool = False
     lora_kernel_configs: str = "auto"
+    lora_kernel_launch: str = "worklist"
     extra: tuple[tuple[str, object], ...] = ()
     """Any other AsyncEngineArgs field, from vLLM's own parser (:func:`parse_engine_args`)."""
 
@@ -172,8 +173,6 @@ def _enable_patches() -> None:
     """Turn on loraplex's vLLM plugin (``vllm_patches``) for the engine processes about to start.
     On CPU it is what keeps base requests off other tenants' adapters, so a run from a source
     tree that vLLM cannot find the plugin in is refused rather than served wrong."""
-    from server.engine import vllm_patches
-
     os.environ[vllm_patches.ENV] = "1"
     if not on_gpu() and not vllm_patches.plugin_installed():
         raise EngineConfigError(
@@ -221,6 +220,7 @@ class VllmEngine:
                 f"--quantization {o.quantization!r} is not offered by the installed vLLM {vllm_version()}; "
                 f"it offers: {', '.join(available_quantizations())}")
         _enable_patches()
+        os.environ[vllm_patches.LAUNCH_ENV] = o.lora_kernel_launch  # read in the engine processes
         lora_kernels.apply(o.lora_kernel_configs, _gpu_name(), moe=lora_kernels.has_experts(o.model))
         kv = o.kv_cache_bytes
         if kv is None and not on_gpu():

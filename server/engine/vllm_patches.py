@@ -23,7 +23,7 @@ an adapter active at each such size while the engine starts.
 expand kernels with a block per (token block of the whole batch, active adapter), nearly all of
 them empty when a batch spreads over many adapters. :func:`patch_lora_worklist` launches the same
 arithmetic over a list of the adapters' own token blocks (:mod:`server.engine.lora_worklist`).
-``LORAPLEX_LORA_SCHEDULE=vllm`` keeps vLLM's launch (for side-by-side runs).
+``--lora-kernel-launch vllm`` keeps vLLM's launch.
 
 **Host-tier copies before every step.** See :func:`patch_lora_membership`: vLLM's per-step
 check of whether each adapter in the batch is loaded copied the whole host tier, so the step
@@ -53,7 +53,8 @@ import sys
 logger = logging.getLogger("vllm.loraplex")
 
 ENV = "LORAPLEX_ENGINE_PATCHES"
-SCHEDULE_ENV = "LORAPLEX_LORA_SCHEDULE"
+LAUNCH_ENV = "LORAPLEX_LORA_KERNEL_LAUNCH"
+"""``--lora-kernel-launch`` as the engine processes read it: set by loraplex before it starts them."""
 PLUGIN = "loraplex"
 _KERNELS = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
 
@@ -68,14 +69,17 @@ def apply() -> None:
 
     after_import("vllm.lora.worker_manager", _in_loraplex_engines(patch_lora_membership))
     if current_platform.is_cuda():
-        after_import("vllm.v1.worker.gpu_worker", _in_loraplex_engines(patch_lora_warmup))
-        if os.environ.get(SCHEDULE_ENV, "worklist") == "worklist":
-            after_import("vllm.v1.worker.gpu_worker", _in_loraplex_engines(patch_worklist_check))
-            for op in ("shrink", "expand"):
-                after_import(f"vllm.lora.ops.triton_ops.lora_{op}_op",
-                             _in_loraplex_engines(functools.partial(patch_lora_worklist, op)))
+        after_import("vllm.v1.worker.gpu_worker", _in_loraplex_engines(_gpu_worker_patches))
+        for op in ("shrink", "expand"):
+            after_import(f"vllm.lora.ops.triton_ops.lora_{op}_op",
+                         _in_loraplex_engines(functools.partial(patch_lora_worklist, op)))
     if current_platform.is_cpu() and os.environ.get(ENV) == "1":
         patch_cpu_lora_kernels()
+
+
+def _gpu_worker_patches() -> None:
+    _run(patch_lora_warmup)
+    _run(patch_worklist_check)
 
 
 def _in_loraplex_engines(patch):
@@ -231,6 +235,10 @@ def patch_lora_worklist(op: str, module=None) -> bool:
 
     from server.engine import lora_worklist
 
+    if os.environ.get(LAUNCH_ENV, "worklist") != "worklist":
+        logger.info("loraplex: vLLM's LoRA %s keeps vLLM's launch (--lora-kernel-launch %s)", op,
+                    os.environ[LAUNCH_ENV])
+        return False
     module = module or importlib.import_module(f"vllm.lora.ops.triton_ops.lora_{op}_op")
     name = f"_lora_{op}_kernel"
     original = getattr(module, name, None)
