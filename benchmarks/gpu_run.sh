@@ -25,8 +25,8 @@
 # `tune` searches vLLM's LoRA shrink/expand kernel block sizes for this card and the 8B shape
 # (benchmarks/lora_kernels.py) and writes them to $BENCH_WORK/lora-kernels in the format of vLLM's
 # VLLM_TUNED_CONFIG_FOLDER; KERNELS=DIR hands such a folder to the engine of a `many` run (tag -tuned),
-# KERNELS=off runs on vLLM's default kernels (tag -untuned). LAUNCH=vllm has loraplex launch them
-# as vLLM does, not over the adapters' token blocks (--lora-kernel-launch; tag -vllmlaunch). Without KERNELS, loraplex takes its
+# KERNELS=off runs on vLLM's default kernels (tag -untuned). LAUNCH=worklist has loraplex launch them
+# over the adapters' token blocks (--lora-kernel-launch worklist; tag -worklist), not as vLLM does. Without KERNELS, loraplex takes its
 # shipped configs (server/engine/configs) and vllm-same-slots is given the same folder. MANY_ADAPTERS="1 1000" and
 # POPULARITY=alpha shorten a `many` run. loraplex sizes its host tier from host memory (its default);
 # CPU_LORAS=N and CACHE_GIB=G name one instead, and size vllm-same-slots' (512 adapters, 48 GiB by default).
@@ -115,7 +115,7 @@ PY
       off) export LORAPLEX_LORA_KERNEL_CONFIGS=off; unset VLLM_TUNED_CONFIG_FOLDER; tag=$tag-untuned ;;
       *) export VLLM_TUNED_CONFIG_FOLDER=$KERNELS; tag=$tag-tuned ;;
     esac
-    [ "${LAUNCH:-}" = vllm ] && { export LORAPLEX_LORA_KERNEL_LAUNCH=vllm; tag=$tag-vllmlaunch; }
+    [ "${LAUNCH:-}" = worklist ] && { export LORAPLEX_LORA_KERNEL_LAUNCH=worklist; tag=$tag-worklist; }
     touch "$W/.mark"
     timeout -k 10 "${BENCH_TIMEOUT:-570}" python3 benchmarks/compare.py --base "$M" --adapters ${MANY_ADAPTERS:-1 32 1000} \
       --one-server --alpha 1 --popularity ${POPULARITY:-alpha uniform} --distinct-weights 64 --pool "$W/adapters" \

@@ -158,8 +158,9 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str 
     mods = {"shrink": shrink_mod, "expand": expand_mod}
     launches = {op: {"vllm": getattr(mod, f"_lora_{op}_kernel")} for op, mod in mods.items()}
     if schedule == "worklist":
-        from server.engine.vllm_patches import patch_lora_worklist
+        from server.engine.vllm_patches import LAUNCH_ENV, patch_lora_worklist
 
+        os.environ[LAUNCH_ENV] = "worklist"
         for op, mod in mods.items():
             assert patch_lora_worklist(op, mod), f"vLLM's {op} kernel no longer takes the work-list launch"
             launches[op]["worklist"] = getattr(mod, f"_lora_{op}_kernel")

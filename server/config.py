@@ -97,11 +97,12 @@ class Settings(BaseSettings):
     tuned configs for this card if it ships them, for models without MoE layers), off (vLLM's
     defaults), or a folder that benchmarks/lora_kernels.py wrote. Tuned, a batch over many
     distinct adapters steps faster."""
-    lora_kernel_launch: Literal["worklist", "vllm"] = "worklist"
-    """How vLLM's LoRA kernels are launched on GPU: worklist (one block per adapter's token block in
-    the batch, so a batch over many adapters launches a fraction of the blocks; checked against
-    vLLM's own launch on the engine's GPU at start, and vLLM's is kept if they differ) or vllm
-    (vLLM's grid: every token block of the batch for every active adapter)."""
+    lora_kernel_launch: Literal["worklist", "vllm"] = "vllm"
+    """How vLLM's LoRA kernels are launched on GPU: vllm (vLLM's grid: every token block of the batch
+    for every active adapter) or worklist (one block per adapter's token block in the batch, so a
+    batch over many adapters launches a fraction of the blocks; checked against vLLM's launch on
+    the engine's GPU at start, and vLLM's is kept if they differ). vllm stays the default until the
+    work list is timed on a GPU (benchmarks/README.md)."""
     lora_modules: list[str] = Field(default_factory=list)
     """Adapters to register at start, as vLLM takes them: name=path, or JSON {"name": ..., "path": ...}.
     They belong to --lora-modules-tenant; a name already registered with the same files is kept."""

@@ -110,7 +110,7 @@ class EngineOptions:
     tensor_parallel_size: int = 1
     fully_sharded_loras: bool = False
     lora_kernel_configs: str = "auto"
-    lora_kernel_launch: str = "worklist"
+    lora_kernel_launch: str = "vllm"
     extra: tuple[tuple[str, object], ...] = ()
     """Any other AsyncEngineArgs field, from vLLM's own parser (:func:`parse_engine_args`)."""
 

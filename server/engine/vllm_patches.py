@@ -23,7 +23,7 @@ an adapter active at each such size while the engine starts.
 expand kernels with a block per (token block of the whole batch, active adapter), nearly all of
 them empty when a batch spreads over many adapters. :func:`patch_lora_worklist` launches the same
 arithmetic over a list of the adapters' own token blocks (:mod:`server.engine.lora_worklist`).
-``--lora-kernel-launch vllm`` keeps vLLM's launch.
+On with ``--lora-kernel-launch worklist`` (``LORAPLEX_LORA_KERNEL_LAUNCH``).
 
 **Host-tier copies before every step.** See :func:`patch_lora_membership`: vLLM's per-step
 check of whether each adapter in the batch is loaded copied the whole host tier, so the step
@@ -235,9 +235,7 @@ def patch_lora_worklist(op: str, module=None) -> bool:
 
     from server.engine import lora_worklist
 
-    if os.environ.get(LAUNCH_ENV, "worklist") != "worklist":
-        logger.info("loraplex: vLLM's LoRA %s keeps vLLM's launch (--lora-kernel-launch %s)", op,
-                    os.environ[LAUNCH_ENV])
+    if os.environ.get(LAUNCH_ENV, "vllm") != "worklist":
         return False
     module = module or importlib.import_module(f"vllm.lora.ops.triton_ops.lora_{op}_op")
     name = f"_lora_{op}_kernel"

@@ -20,7 +20,8 @@ OPS = ("shrink", "expand")
 
 
 @pytest.fixture
-def patched():
+def patched(monkeypatch):
+    monkeypatch.setenv(vllm_patches.LAUNCH_ENV, "worklist")
     mods = {op: importlib.import_module(f"vllm.lora.ops.triton_ops.lora_{op}_op") for op in OPS}
     originals = {op: getattr(mod, f"_lora_{op}_kernel") for op, mod in mods.items()}
     for op, mod in mods.items():

@@ -65,7 +65,8 @@ def _fake_ops_module(op: str, arg_names: list[str]):
 
 
 @pytest.mark.parametrize("op,args", [("shrink", SHRINK_ARGS), ("expand", EXPAND_ARGS)])
-def test_patch_takes_vllms_launch_site_once(op, args):
+def test_patch_takes_vllms_launch_site_once(op, args, monkeypatch):
+    monkeypatch.setenv(vllm_patches.LAUNCH_ENV, "worklist")
     module, original = _fake_ops_module(op, args)
     assert vllm_patches.patch_lora_worklist(op, module)
     launch = getattr(module, f"_lora_{op}_kernel")
@@ -74,7 +75,19 @@ def test_patch_takes_vllms_launch_site_once(op, args):
     assert getattr(module, f"_lora_{op}_kernel") is launch
 
 
-def test_patch_leaves_a_kernel_with_other_arguments():
+def test_patch_leaves_a_kernel_with_other_arguments(monkeypatch):
+    monkeypatch.setenv(vllm_patches.LAUNCH_ENV, "worklist")
     module, original = _fake_ops_module("shrink", SHRINK_ARGS + ["NEW_ARG"])
     assert not vllm_patches.patch_lora_worklist("shrink", module)
     assert module._lora_shrink_kernel is original
+
+
+@pytest.mark.parametrize("launch", [None, "vllm"])
+def test_vllms_launch_unless_the_work_list_is_asked_for(launch, monkeypatch):
+    if launch:
+        monkeypatch.setenv(vllm_patches.LAUNCH_ENV, launch)
+    else:
+        monkeypatch.delenv(vllm_patches.LAUNCH_ENV, raising=False)
+    module, original = _fake_ops_module("expand", EXPAND_ARGS)
+    assert not vllm_patches.patch_lora_worklist("expand", module)
+    assert module._lora_expand_kernel is original
