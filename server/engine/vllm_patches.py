@@ -83,11 +83,11 @@ def _gpu_worker_patches() -> None:
 
 
 def _in_loraplex_engines(patch):
+    @functools.wraps(patch)  # a partial has no __name__: wraps copies what there is
     def maybe():
         if os.environ.get(ENV) == "1":
             patch()
 
-    maybe.__name__ = patch.__name__
     return maybe
 
 

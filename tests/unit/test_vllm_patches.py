@@ -59,6 +59,24 @@ def test_apply_does_nothing_outside_engines_loraplex_started(monkeypatch):
     assert (lora_ops.bgmv_shrink, LRUCacheWorkerLoRAManager.add_adapter) == before
 
 
+def test_apply_on_a_cuda_host_waits_for_the_worker_and_both_lora_ops(monkeypatch):
+    # The CUDA branch of apply() never ran on a CPU host: its work-list hooks wrap a partial, which
+    # has no __name__, and every engine start on the H100 died at plugin load with an AttributeError
+    import sys
+
+    from vllm.platforms import current_platform
+
+    monkeypatch.delenv(vllm_patches.ENV, raising=False)
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))
+    for name in ["vllm.v1.worker.gpu_worker", *(f"vllm.lora.ops.triton_ops.lora_{op}_op" for op in ("shrink", "expand"))]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    vllm_patches.apply()
+    waiting = {f.name for f in sys.meta_path if isinstance(f, vllm_patches._AfterImport)}
+    assert {"vllm.v1.worker.gpu_worker", "vllm.lora.ops.triton_ops.lora_shrink_op",
+            "vllm.lora.ops.triton_ops.lora_expand_op"} <= waiting
+
+
 def test_the_plugin_is_registered_for_vllm():
     assert vllm_patches.plugin_installed()
 
