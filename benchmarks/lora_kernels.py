@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.models import SHAPES  # noqa: E402
-from server.engine.lora_kernels import file_prefix  # noqa: E402
+from server.engine.lora_kernels import BUNDLED, file_prefix, has_configs  # noqa: E402
 
 BATCHES = (16, 64, 128, 256, 1024, 4096)
 ADAPTERS = (1, 4, 16, 64, 128)
@@ -139,7 +139,28 @@ def _bench(fn, reps: int = 10, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
-def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str = "worklist") -> dict:
+BASELINES = ("vllm", "vllm_tuned")
+"""Rows of vLLM's own launch, timed beside the work list; no candidates: "vllm" with vLLM's
+default block sizes, "vllm_tuned" with those of the folder loraplex ships for the card (what the
+engine ran before the work list)."""
+
+
+def from_folder(folder: Path, op_type: str, *args, **kwargs) -> dict:
+    """vLLM's own config lookup (``get_lora_op_configs``) in ``folder``, read afresh: both of its
+    layers cache what they read, and the environment names no folder again afterwards."""
+    from vllm.lora.ops.triton_ops import utils
+
+    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(folder)
+    utils.load_lora_op_config.cache_clear(), utils.get_lora_op_configs.cache_clear()
+    try:
+        return utils.get_lora_op_configs(op_type, *args, **kwargs)
+    finally:
+        del os.environ["VLLM_TUNED_CONFIG_FOLDER"]
+        utils.load_lora_op_config.cache_clear(), utils.get_lora_op_configs.cache_clear()
+
+
+def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str = "worklist",
+         shipped: Path | None = None) -> dict:
     import torch
     import vllm.lora.ops.triton_ops.lora_expand_op as expand_mod
     import vllm.lora.ops.triton_ops.lora_shrink_op as shrink_mod
@@ -149,9 +170,11 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str 
 
     assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ, "unset VLLM_TUNED_CONFIG_FOLDER: defaults are the baseline"
     vllm_configs = shrink_mod.get_lora_op_configs
-    forced: dict[str, dict | None] = {"shrink": None, "expand": None}
+    forced: dict[str, dict | str | None] = {"shrink": None, "expand": None}  # a config, "shipped" or vLLM's
 
     def configs(op_type, *args, **kwargs):
+        if forced[op_type] == "shipped":
+            return from_folder(shipped, op_type, *args, **kwargs)
         return forced[op_type] or vllm_configs(op_type, *args, **kwargs)
 
     shrink_mod.get_lora_op_configs = expand_mod.get_lora_op_configs = configs
@@ -215,6 +238,10 @@ def tune(shape: dict, rank: int, max_loras: int, budget_s: float, schedule: str 
                     if schedule == "worklist":  # vLLM as it runs without loraplex: its launch and config
                         use(op, "vllm")
                         row.setdefault("vllm", {})[adapters] = _bench(calls[op], reps)
+                        if shipped:  # and as loraplex ran it before the work list
+                            forced[op] = "shipped"
+                            row.setdefault("vllm_tuned", {})[adapters] = _bench(calls[op], reps)
+                            forced[op] = None
                         use(op, "worklist")
                     row.setdefault("default", {})[adapters] = _bench(calls[op], reps)
                     for cfg in candidates:
@@ -250,7 +277,7 @@ def report(shape: dict, rank: int, max_loras: int, timings: dict, default_of) ->
     grouped: dict = {}  # (op, slices, m, k, n) -> candidate -> adapters -> summed us
     for key, rows in members.items():
         counts = set(rows[0]["default"])
-        for cand in (c for c in rows[0] if c != "vllm"):  # "vllm" is vLLM's own launch, no candidate
+        for cand in (c for c in rows[0] if c not in BASELINES):  # vLLM's own launch is no candidate
             # a candidate counts only where it was timed for every layer of the key at every
             # adapter count (the budget may end between o_proj and down_proj)
             if all(set(r.get(cand, {})) >= counts for r in rows):
@@ -266,13 +293,15 @@ def report(shape: dict, rank: int, max_loras: int, timings: dict, default_of) ->
             cell = per_pass.setdefault(f"m={m} adapters={adapters}", {"default_ms": 0.0, "tuned_ms": 0.0})
             cell["default_ms"] += us * layers / 1000
             cell["tuned_ms"] += row[pick][adapters] * layers / 1000  # choose() picks only fully timed ones
-            if adapters in row.get("vllm", {}):
-                cell["vllm_ms"] = cell.get("vllm_ms", 0.0) + row["vllm"][adapters] * layers / 1000
+            for base in BASELINES:
+                if adapters in row.get(base, {}):
+                    cell[f"{base}_ms"] = cell.get(f"{base}_ms", 0.0) + row[base][adapters] * layers / 1000
     for cell in per_pass.values():
         cell["speedup"] = round(cell["default_ms"] / cell["tuned_ms"], 2)
-        if "vllm_ms" in cell:
-            cell["vs_vllm"] = round(cell["vllm_ms"] / cell["tuned_ms"], 2)
-        for k in ("default_ms", "tuned_ms", "vllm_ms"):
+        for base in BASELINES:
+            if f"{base}_ms" in cell:
+                cell[f"vs_{base}"] = round(cell[f"{base}_ms"] / cell["tuned_ms"], 2)
+        for k in ("default_ms", "tuned_ms", *(f"{base}_ms" for base in BASELINES)):
             if k in cell:
                 cell[k] = round(cell[k], 3)
     return chosen, {"lora_ms_per_forward_pass": per_pass,
@@ -314,6 +343,9 @@ def main() -> None:
     p.add_argument("--schedule", choices=("worklist", "vllm"), default="worklist",
                    help="tune the kernels as loraplex launches them (over the adapters' token blocks, "
                         "timing vLLM's own launch beside them as 'vllm_ms') or as vLLM does")
+    p.add_argument("--against", type=Path, default=BUNDLED,
+                   help="with --schedule worklist, also time vLLM's launch with this folder's configs for "
+                        "the card ('vllm_tuned_ms'; default: the ones loraplex ships, where it has them)")
     p.add_argument("--from", dest="source", type=Path,
                    help="choose again from the timings of an earlier run's lora_kernels.json (no GPU)")
     p.add_argument("--out", type=Path, required=True)
@@ -326,11 +358,13 @@ def main() -> None:
         import torch
         import vllm
 
-        result = tune(SHAPES[a.shape], a.rank, a.max_loras, a.budget_s, a.schedule)
+        shipped = a.against if has_configs(a.against, torch.cuda.get_device_name()) else None
+        result = tune(SHAPES[a.shape], a.rank, a.max_loras, a.budget_s, a.schedule, shipped)
         timings = result["timings"]
         doc = {"hardware": torch.cuda.get_device_name(), "schedule": a.schedule,
                "worst_relative_diff_vs_vllm": result["worst_relative_diff"],
                "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+               "vllm_tuned_from": str(shipped) if shipped else None,
                "command": " ".join(["python", "benchmarks/lora_kernels.py", *sys.argv[1:]]),
                "shape": a.shape, "rank": a.rank, "max_loras": a.max_loras, "seconds": round(result["seconds"], 1)}
     chosen, summary = report(SHAPES[a.shape], a.rank, a.max_loras, timings, vllm_default(a.rank, a.max_loras))
@@ -341,6 +375,8 @@ def main() -> None:
     (a.out / "lora_kernels.json").write_text(json.dumps(doc, indent=1))
     for k, cell in sorted(summary["lora_ms_per_forward_pass"].items(), key=lambda kv: kv[0]):
         vs = f"  vLLM's launch {cell['vllm_ms']:8.3f} ms ({cell['vs_vllm']}x)" if "vllm_ms" in cell else ""
+        if "vllm_tuned_ms" in cell:
+            vs += f", tuned {cell['vllm_tuned_ms']:8.3f} ms ({cell['vs_vllm_tuned']}x)"
         print(f"{k:>24}: {cell['default_ms']:8.3f} ms -> {cell['tuned_ms']:8.3f} ms  ({cell['speedup']}x){vs}")
     print("wrote", *[f.name for f in files])
 

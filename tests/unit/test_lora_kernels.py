@@ -97,6 +97,32 @@ def test_a_budget_that_ends_between_layers_sharing_a_key_keeps_the_default(tmp_p
     assert chosen[("expand", "1", 128, "16", "4096")]["block_m"] == 64  # vLLM's default
 
 
+def test_vllms_launch_on_the_shipped_configs_is_timed_beside_and_never_chosen(tmp_path):
+    timings = _timings(fast=0, tradeoff=1)
+    for row in timings.values():  # vLLM's launch, tuned: faster than anything the work list tried
+        row["vllm_tuned"] = {a: 10.0 for a in row["default"]}
+    chosen, summary = tuner.report(SHAPES["llama-3.1-8b"], 16, 128, timings, lambda op, m, s: {"default": op})
+    assert "vllm_tuned" not in summary["chosen"].values()
+    cell = summary["lora_ms_per_forward_pass"]["m=128 adapters=64"]
+    assert cell["vllm_tuned_ms"] < cell["tuned_ms"] and cell["vs_vllm_tuned"] < 1
+
+
+def test_the_shipped_configs_are_looked_up_as_vllm_does_and_the_folder_is_let_go(monkeypatch, vllm_loader):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: H100)
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER", raising=False)
+    args = ("expand", 129, 128, 14336, 16, 2)  # op, slots + 1, batch, hidden (n), rank (k), slices
+    got = tuner.from_folder(lora_kernels.BUNDLED, *args, add_inputs=True)
+    assert "VLLM_TUNED_CONFIG_FOLDER" not in os.environ
+    assert got == vllm_loader(lora_kernels.BUNDLED)(*args, add_inputs=True)
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+    from vllm.lora.ops.triton_ops import utils
+
+    utils.load_lora_op_config.cache_clear(), utils.get_lora_op_configs.cache_clear()
+    assert utils.get_lora_op_configs(*args, add_inputs=True) != got  # the shipped config is not vLLM's default
+
+
 def test_bundled_configs_cover_every_layer_they_name(vllm_loader):
     files = sorted(lora_kernels.BUNDLED.glob("*_SHRINK.json"))
     assert files, "loraplex ships tuned configs for at least one card"
