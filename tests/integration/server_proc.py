@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -12,10 +13,37 @@ from pathlib import Path
 import httpx
 
 
+LISTEN_PORTS = range(20000, 32000)
+"""Where test servers listen: below the kernel's ephemeral range (32768-60999 by default), from
+which every outgoing connection and every port-0 bind takes its port, and above Ray's worker
+ports (10002-19999). A port taken from the ephemeral range was free when asked, and a client
+connection or vLLM's own port-0 sockets could hold it by the time the server bound it, seconds
+later (CI: "address already in use" on 39159)."""
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port on 127.0.0.1 no one listens on now, never the same twice in one test session."""
+    low, high = LISTEN_PORTS.start, LISTEN_PORTS.stop - 1
+    try:
+        ephemeral = [int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()]
+        if not (high < ephemeral[0] or low > ephemeral[1]):  # a host that moved the range over ours
+            low, high = 1024, ephemeral[0] - 1
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randint(low, high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def create_tenant(data_dir: Path, name: str, *args: str) -> str:
