@@ -29,7 +29,7 @@ from server.adapters.service import AdapterService
 from server.adapters.store import AdapterStore
 from server.adapters.upload import BaseSpec
 from server.config import Settings
-from server.errors import PermissionDenied, ShuttingDown, TenantNotFound, Unauthenticated
+from server.errors import ShuttingDown, Unauthenticated
 from server.inference.generation import InferenceService
 from server.inference.prompts import Prompts
 from server.metrics import Metrics
@@ -132,15 +132,7 @@ class Service:
 
     def namespace(self, principal: Principal, tenant: str | None) -> str:
         """The tenant whose adapters a call acts on: the caller's own, or any for an admin."""
-        if tenant is None or tenant == principal.tenant:
-            return principal.tenant
-        if not principal.is_admin:
-            raise PermissionDenied("only an admin key may act on another tenant's adapters", field="tenant")
-        try:
-            self.tenants.get(tenant)
-        except TenantNotFound as e:
-            raise TenantNotFound(e.message, field="tenant") from None
-        return tenant
+        return self.tenants.acting_for(principal, tenant)
 
     # ------------------------------------------------------------ models
 

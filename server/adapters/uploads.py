@@ -5,7 +5,8 @@ to the server's limit); one more is a 429 with Retry-After. Where uploads are st
 each also reserves the space it may fill until it ends, and one that would leave less than
 ``--staging-reserve-bytes`` free is a 503: staging never fills the disk a SQLite registry
 writes to. The single server's AdapterService and the Ray ingress (which holds each upload it
-forwards) both hold their uploads here.
+forwards) both hold their uploads here, and both refuse a taken name or a full quota with
+:func:`check_upload` as soon as the upload names its adapter, before its files' bytes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from server.errors import ConcurrencyExceeded, StagingFull
-from server.tenants.store import Principal
+from server.adapters.registry import AdapterRegistry, validate_name
+from server.errors import ConcurrencyExceeded, Conflict, QuotaExceeded, StagingFull
+from server.tenants.store import Principal, TenantStore
+
+
+def check_upload(registry: AdapterRegistry, tenants: TenantStore, principal: Principal, name: str,
+                 tenant: str | None, *, replace: bool) -> str:
+    """Refuse what the registry would refuse, before any bytes are read; returns the namespace.
+    Indexed lookups, not a listing: a registration ran it on the event loop, and converting a
+    tenant's 1000 rows took 23 ms (46 of 57 s registering 1000 adapters)."""
+    ns = tenants.acting_for(principal, tenant)
+    validate_name(name)
+    if replace:
+        registry.get(ns, name)
+        return ns
+    if registry.find(ns, name) is not None:
+        raise Conflict(f"adapter {name!r} already exists; PUT /v1/adapters/{name} replaces it", field="name")
+    if (count := registry.count(ns)) >= (quota := tenants.quotas_for(principal, ns).max_adapters):
+        raise QuotaExceeded(f"tenant {ns!r} has {count} adapters, its quota is {quota}", field="name")
+    return ns
 
 
 class UploadSlots:

@@ -15,7 +15,10 @@ server`` (the ingress forwards it whole and relays the response, streamed): tena
 quotas, validation, errors and per-replica metrics are that code's, not a copy. The ingress
 only authenticates first (so a request without a key costs no replica anything), charges the
 tenant's rate once, and names the adapter version as Ray's multiplexed model id (an opaque
-hash: Ray exports that id on metrics that need no key, :func:`multiplex_id`).
+hash: Ray exports that id on metrics that need no key, :func:`multiplex_id`). An upload is
+also refused here for a taken name or a full quota before its files' bytes (the single server's
+check), and crosses to the replica in 1 MiB Ray objects as it arrives, never whole in the
+ingress (:meth:`LoraplexIngress._upload_body`).
 
 **Affinity.** Ray routes a multiplexed id to a replica that has loaded it, and to a less busy
 one when that replica is saturated; the replica's loader (:meth:`LoraplexEngine._load`) puts
@@ -40,16 +43,19 @@ import logging
 import secrets
 import time
 from typing import Any, AsyncIterator
+from urllib.parse import parse_qs
 
 import grpc
+import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
 
 from server.adapters.registry import AdapterRecord
-from server.adapters.uploads import UploadSlots
+from server.adapters.uploads import UploadSlots, check_upload
 from server.api.http.body import INLINE_BYTES, off_loop, top_level_string
 from server.api.http.errors import body as error_body, error_response, status_of
+from server.api.http.multipart import FormFields, before_files
 from server.config import Settings
 from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, Unauthenticated
 from server.service import UNKNOWN_KEY_POLL_S
@@ -68,6 +74,10 @@ the retries span more than two health-check periods (5.7 s) rather than a few tr
 on the same dead replica."""
 ATTEMPTS = len(RETRY_BACKOFF_S) + 1
 """Tries per request on replicas that are gone or whose engine is down, before a 503."""
+UPLOAD_PIECE_BYTES = 1 << 20
+"""An upload crosses from the ingress to a replica in Ray objects of about this size: each goes to
+the object store (over Ray's 100 KiB inline size), and the ingress holds about three pieces of
+each upload at once (the one filling, its pickle, its copy into the store)."""
 _INFERENCE = frozenset({"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
 """Paths whose JSON body names a model: routed by adapter version."""
 _WRITES = ("/v1/adapters", "/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -155,15 +165,15 @@ class LoraplexEngine:
         model_id = serve.get_multiplexed_model_id()
         if model_id:
             await self.adapter(model_id)
-        sent_body = False
+        pieces = list(request.get("body_pieces") or ()) or [request["body"]]  # an upload: Ray objects
         gone = asyncio.Event()
         queue: asyncio.Queue = asyncio.Queue()
 
         async def receive() -> dict:
-            nonlocal sent_body
-            if not sent_body:
-                sent_body = True
-                return {"type": "http.request", "body": request["body"], "more_body": False}
+            if pieces:
+                piece = pieces.pop(0)
+                body = piece if isinstance(piece, bytes) else await piece
+                return {"type": "http.request", "body": body, "more_body": bool(pieces)}
             await gone.wait()
             return {"type": "http.disconnect"}
 
@@ -227,8 +237,8 @@ class LoraplexEngine:
             call = self._channel.unary_stream(method, **raw)(messages[0], metadata=metadata)
         elif kind == "unary_unary":
             call = self._channel.unary_unary(method, **raw)(messages[0], metadata=metadata)
-        else:
-            call = self._channel.stream_unary(method, **raw)(iter(messages), metadata=metadata)
+        else:  # an upload: its messages in Ray objects, a batch each
+            call = self._channel.stream_unary(method, **raw)(_unbatch(messages), metadata=metadata)
         try:
             initial = tuple(await call.initial_metadata() or ())
             yield {"initial": [*initial, (REPLICA_HEADER, self.replica)]}
@@ -253,6 +263,12 @@ class LoraplexEngine:
         service = getattr(self, "service", None)
         if service is not None:
             service.engine.shutdown()
+
+
+async def _unbatch(batches: list) -> AsyncIterator[bytes]:
+    for batch in batches:
+        for message in await batch:
+            yield message
 
 
 def _is_upload(method: str, path: str) -> bool:
@@ -294,8 +310,11 @@ class LoraplexIngress:
         self.engine = engine
         db = await asyncio.to_thread(open_db, self.settings)
         self.registry = AdapterRegistry(db)
-        self.auth = Authenticator(TenantStore(db))
-        self.uploads = UploadSlots(self.settings)  # held in memory here, not staged: counted, not sized
+        self.tenants = TenantStore(db)
+        self.auth = Authenticator(self.tenants)
+        # Uploads pass through this process in pieces, to Ray's object store: counted here, not sized
+        # (the replica that stages one reserves its disk).
+        self.uploads = UploadSlots(self.settings)
         self.limiter = SharedRateLimiter(self.settings.rate_limit_url) if self.settings.rate_limit_url \
             else RateLimiter()
         self.draining = False
@@ -392,17 +411,13 @@ class LoraplexIngress:
         if scope["type"] != "http":
             return
         principal = scope.get("state", {}).get("principal")
-        if principal is None or not _is_upload(scope["method"], scope["path"]):
-            return await self._relay(scope, receive, send)
-        try:  # an upload is held whole here: bounded as the replica bounds its own
-            with self.uploads.hold(principal):
-                return await self._relay(scope, receive, send)
-        except LoraplexError as e:
-            return await _send_error(send, e)
-
-    async def _relay(self, scope, receive, send) -> None:
-        chunks = []
         try:
+            if principal is not None and _is_upload(scope["method"], scope["path"]):
+                with self.uploads.hold(principal):  # bounded as the replica bounds its own
+                    if (pieces := await self._upload_body(scope, receive, principal)) is not None:
+                        await self._relay(scope, send, b"", pieces)
+                return
+            chunks = []
             while True:  # the guard bounds it: over the cap (413) or stalled (408) raises here
                 message = await receive()
                 if message["type"] == "http.disconnect":
@@ -412,10 +427,50 @@ class LoraplexIngress:
                     break
         except LoraplexError as e:
             return await _send_error(send, e)
-        body = b"".join(chunks)
+        await self._relay(scope, send, b"".join(chunks))
+
+    async def _upload_body(self, scope, receive, principal) -> list | None:
+        """An upload's body, in Ray objects of :data:`UPLOAD_PIECE_BYTES` put as it arrives: this
+        process holds one piece of it at a time, however many uploads arrive at once. Its name and
+        quota are checked as soon as the form names them, before the files' bytes, with the single
+        server's :func:`check_upload`; None if the client left."""
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        replace = scope["method"] == "PUT"
+
+        def check(name: str, tenant: str | None) -> None:
+            self._check_upload(principal, name, tenant, replace=replace)
+
+        headers = dict((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
+        fields = FormFields(headers.get("content-type", ""), before_files(
+            check, name=scope["path"].rsplit("/", 1)[1] if replace else None, tenant=query.get("tenant", [None])[-1]))
+        pieces, piece, size = [], [], 0
+        while True:  # the guard bounds it: over the cap (413) or stalled (408) raises here
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk, more = message.get("body", b""), message.get("more_body", False)
+            await fields.feed(chunk)
+            piece.append(chunk)
+            size += len(chunk)
+            if size >= UPLOAD_PIECE_BYTES or (size and not more):
+                pieces.append(await asyncio.to_thread(ray.put, b"".join(piece)))
+                piece, size = [], 0
+            if not more:
+                return pieces
+
+    def _check_upload(self, principal, name: str, tenant: str | None, *, replace: bool) -> None:
+        """:func:`check_upload`, in a worker thread (it reads the registry)."""
+        try:
+            check_upload(self.registry, self.tenants, principal, name, tenant, replace=replace)
+        except LoraplexError:
+            raise
+        except Exception:  # the registry does not answer: the replica checks again, and says so
+            logger.warning("checking an upload's name before its bytes failed", exc_info=True)
+
+    async def _relay(self, scope, send, body: bytes, pieces: list | None = None) -> None:
         request = {"method": scope["method"], "path": scope["path"], "query_string": scope.get("query_string", b""),
                    "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
-                   "body": body, "client": list(scope["client"]) if scope.get("client") else None}
+                   "body": body, "body_pieces": pieces, "client": list(scope["client"]) if scope.get("client") else None}
         request["generation"] = self._generation
         model_id = await self.model_id(scope, body)
         stream, start = None, None
@@ -459,26 +514,50 @@ class LoraplexIngress:
 
     # ------------------------------------------------------------ the gRPC forward
 
+    async def _upload_messages(self, method: str, request, principal) -> list:
+        """An Upload or Replace stream, bounded as HTTP bounds an upload, in Ray objects of about
+        :data:`UPLOAD_PIECE_BYTES` of messages each. Its first message names the adapter: a taken
+        name or a full quota is refused there, before the files' bytes, as on the single server."""
+        from server.api.grpc.pb import adapters_pb2 as apb
+        from server.api.grpc.protocol import next_message, tenant
+
+        batches, batch, size, total = [], [], 0, 0
+        cap = self.settings.max_upload_bytes + (1 << 20)
+        while (message := await next_message(request, self.settings.body_timeout_s)) is not None:
+            if not batches and not batch:
+                first = None
+                with contextlib.suppress(Exception):  # not metadata: the replica says why
+                    first = apb.UploadRequest.FromString(message)
+                if first is not None and first.WhichOneof("part") == "metadata":
+                    meta = first.metadata
+                    await asyncio.to_thread(self._check_upload, principal, meta.name, tenant(meta),
+                                            replace=meta.replace or method.endswith("/Replace"))
+            total += len(message)
+            if total > cap:
+                raise PayloadTooLarge(f"upload over {self.settings.max_upload_bytes} bytes "
+                                      "(--max-upload-bytes)", field="chunk")
+            batch.append(message)
+            size += len(message)
+            if size >= UPLOAD_PIECE_BYTES:
+                batches.append(await asyncio.to_thread(ray.put, batch))
+                batch, size = [], 0
+        if batch:
+            batches.append(await asyncio.to_thread(ray.put, batch))
+        return batches
+
     async def forward_grpc(self, method: str, kind: str, request, context: grpc.aio.ServicerContext):
         """One loraplex.v1 call: authenticated and charged here, then run by a replica's own
         servicers; its messages, metadata and status are relayed as they come."""
         from server.api.grpc.pb import inference_pb2 as ipb
-        from server.api.grpc.protocol import FORWARDED, next_message
+        from server.api.grpc.protocol import FORWARDED
         from server.api.grpc.server import MAX_MESSAGE_BYTES
 
         metadata = [(k, v) for k, v in context.invocation_metadata() or () if k != FORWARDED]
         principal = await self.authenticate(next((v for k, v in metadata if k == "authorization"), None))
         held = self.uploads.hold(principal, field="chunk") if kind == "stream_unary" else contextlib.nullcontext()
         with held:
-            if kind == "stream_unary":  # an upload: its chunks, bounded as HTTP bounds one
-                messages, total = [], 0
-                cap = self.settings.max_upload_bytes + (1 << 20)
-                while (message := await next_message(request, self.settings.body_timeout_s)) is not None:
-                    total += len(message)
-                    if total > cap:
-                        raise PayloadTooLarge(f"upload over {self.settings.max_upload_bytes} bytes "
-                                              "(--max-upload-bytes)", field="chunk")
-                    messages.append(message)
+            if kind == "stream_unary":
+                messages = await self._upload_messages(method, request, principal)
             else:
                 messages = [request]
             model_id = ""

@@ -17,7 +17,7 @@ from enum import StrEnum
 
 from server.adapters.compat import VLLM_RANKS
 from server.db import Database
-from server.errors import Conflict, InvalidArgument, TenantNotFound
+from server.errors import Conflict, InvalidArgument, PermissionDenied, TenantNotFound
 
 KEY_PREFIX = "lpx_"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -125,6 +125,22 @@ class TenantStore:
 
     def list(self) -> list[TenantInfo]:
         return [_info(row) for row in self._db.query("SELECT * FROM tenants ORDER BY name")]
+
+    def acting_for(self, principal: Principal, tenant: str | None) -> str:
+        """The tenant whose adapters a call acts on: the caller's own, or any for an admin."""
+        if tenant is None or tenant == principal.tenant:
+            return principal.tenant
+        if not principal.is_admin:
+            raise PermissionDenied("only an admin key may act on another tenant's adapters", field="tenant")
+        try:
+            self.get(tenant)
+        except TenantNotFound as e:
+            raise TenantNotFound(e.message, field="tenant") from None
+        return tenant
+
+    def quotas_for(self, principal: Principal, tenant: str) -> Quotas:
+        """The quotas of ``tenant``, which ``principal`` acts for (:meth:`acting_for`)."""
+        return principal.quotas if tenant == principal.tenant else self.get(tenant).quotas
 
     def revoke(self, name: str) -> None:
         """The tenant's key stops authenticating at once. Its adapters stay (an admin can still manage them)."""

@@ -46,6 +46,44 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {low}-{high}")
 
 
+def request_head(method: str, path: str, length: int, key: str | None, ctype: str = "application/json") -> str:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {length}\r\n\r\n"
+
+
+def upload_head(name: str | None, boundary: str = "b") -> bytes:
+    """An upload form's ``name`` field and the head of its first file part: what a server needs to
+    refuse the upload before the files' bytes."""
+    field = f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n' if name else ""
+    return (field + f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            'filename="adapter_model.safetensors"\r\n\r\n').encode()
+
+
+def raw_request(port: int, head: str, body: bytes = b"", *, wait: float = 15.0) -> tuple[int, dict, bytes, float]:
+    """Send a request by hand (a lying Content-Length, a stalled body); (status, headers, body, seconds)."""
+    t0 = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    elapsed = time.time() - t0
+    head_part, _, rest = data.partition(b"\r\n\r\n")
+    lines = head_part.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, rest, elapsed
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n")[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
 def create_tenant(data_dir: Path, name: str, *args: str) -> str:
     out = subprocess.run([sys.executable, "-m", "server", "tenants", "create", name, "--data-dir", str(data_dir),
                           *args], check=True, capture_output=True, text=True)

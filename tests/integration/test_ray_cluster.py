@@ -5,6 +5,7 @@ over one SQLite registry and one local store. Driven with the stock openai clien
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import threading
 import time
@@ -14,7 +15,8 @@ import openai
 import psutil
 import pytest
 
-from tests.integration.server_proc import ServerProcess, create_tenant, free_port
+from tests.integration.server_proc import (ServerProcess, create_tenant, free_port, raw_request, request_head,
+                                          upload_head)
 
 REPLICA = "x-loraplex-replica"
 
@@ -23,10 +25,12 @@ REPLICA = "x-loraplex-replica"
 def ray_cluster(tiny_base, tmp_path_factory):
     data = tmp_path_factory.mktemp("ray-data")
     keys = {name: create_tenant(data, name) for name in ("alice", "bob")}
+    keys["carol"] = create_tenant(data, "carol", "--max-adapters", "1")
     grpc_port = free_port()
     server = ServerProcess(tiny_base, data, "--replicas", "2", "--replica-max-ongoing-requests", "4",
                            "--max-loras", "2", "--max-cpu-loras", "4", "--grpc-port", str(grpc_port),
                            log=tmp_path_factory.mktemp("ray-logs") / "ray.log")
+    server.env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}  # see ingress_anon_bytes
     server.start(timeout=400)
     server.keys, server.grpc_port = keys, grpc_port
     yield server
@@ -136,6 +140,107 @@ def test_a_clients_mistake_is_a_4xx_through_the_ingress(ray_cluster):
             r = h.post("/v1/completions", content=json.dumps({"prompt": prompt, "model": "tiny"}).encode(),
                        headers={"Content-Type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert complete(ray_cluster, "tiny").status_code == 200
+
+
+def test_an_upload_is_refused_at_the_ingress_before_its_files(ray_cluster, adapter_dirs):
+    """A taken name, a replace of an adapter that does not exist and a full quota, each in a
+    2 GiB upload of which the client sends the form's name and 1 MiB of files: the ingress
+    answers as soon as the form names the adapter, with the single server's check. It held every
+    upload whole before forwarding it, and answered these with a 408 when the client stalled."""
+    import grpc
+
+    from server.api.grpc.pb import adapters_pb2 as apb, adapters_pb2_grpc
+
+    assert upload(ray_cluster, "held", adapter_dirs["a1"]).status_code == 201
+    assert upload(ray_cluster, "only", adapter_dirs["a1"], tenant="carol").status_code == 201
+    for tenant, method, path, name, status, code in (
+            ("alice", "POST", "/v1/adapters", "held", 409, "conflict"),
+            ("alice", "PUT", "/v1/adapters/absent", None, 404, "model_not_found"),
+            ("carol", "POST", "/v1/adapters", "second", 429, "quota_exceeded")):
+        head = request_head(method, path, 2 << 30, ray_cluster.keys[tenant], "multipart/form-data; boundary=b")
+        got, _, body, _ = raw_request(ray_cluster.port, head, upload_head(name) + b"\0" * (1 << 20), wait=60)
+        error = json.loads(body)["error"]
+        assert (got, error["code"]) == (status, code), body
+    # gRPC: the first message names the adapter; the files never come
+    stop = threading.Event()
+
+    def stalled():
+        yield apb.UploadRequest(metadata=apb.UploadMetadata(name="held"))
+        yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_model.safetensors", data=b"\0" * (1 << 20)))
+        stop.wait(60)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{ray_cluster.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                adapters_pb2_grpc.AdaptersStub(channel).Upload(
+                    stalled(), metadata=(("authorization", f"Bearer {ray_cluster.keys['alice']}"),), timeout=60)
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS, e.value.details()
+    finally:
+        stop.set()
+
+
+def ingress_anon_bytes(server) -> int:
+    """The ingress process's own memory: RssAnon, not the object store's shared pages it maps.
+    The fixture runs the cluster with MALLOC_MMAP_THRESHOLD_ set, so that glibc returns a freed
+    piece at once and RssAnon is what the process holds, not what its arenas kept."""
+    (ingress,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                  if "LoraplexIngress" in " ".join(p.cmdline())]
+    status = open(f"/proc/{ingress.pid}/status").read()
+    return int(status.split("RssAnon:")[1].split()[0]) << 10
+
+
+def test_parallel_uploads_pass_the_ingress_in_pieces(ray_cluster):
+    """Four uploads of 96 MiB at once (--max-uploads; two tenants, two each), over HTTP and then
+    over gRPC, reach the replicas, which refuse them (zeros, no safetensors header), while the
+    ingress holds less than half of them at any time: it puts each into Ray's object store 1 MiB at
+    a time as it arrives (what it holds is what arrives faster than that, not the upload's size).
+    It held each one whole before, two or three copies of it."""
+    import grpc
+
+    from server.api.grpc.pb import adapters_pb2 as apb, adapters_pb2_grpc
+
+    size = 96 << 20
+    form = [("files", ("adapter_config.json", b"{}")), ("files", ("adapter_model.safetensors", b"\0" * size))]
+
+    def over_http(tenant: str, i: int) -> int:
+        with http(ray_cluster, tenant) as h:
+            return h.post("/v1/adapters", data={"name": f"big-{i}"}, files=form).status_code
+
+    def chunks(i: int):
+        yield apb.UploadRequest(metadata=apb.UploadMetadata(name=f"big-{i}"))
+        yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_config.json", data=b"{}"))
+        for _ in range(size >> 20):
+            yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_model.safetensors", data=b"\0" * (1 << 20)))
+
+    def over_grpc(tenant: str, i: int) -> str:
+        with grpc.insecure_channel(f"127.0.0.1:{ray_cluster.grpc_port}") as channel:
+            try:
+                adapters_pb2_grpc.AdaptersStub(channel).Upload(
+                    chunks(i), metadata=(("authorization", f"Bearer {ray_cluster.keys[tenant]}"),), timeout=300)
+            except grpc.RpcError as e:
+                return e.code().name
+        return "OK"
+
+    for send, refused in ((over_http, 400), (over_grpc, "INVALID_ARGUMENT")):
+        before = ingress_anon_bytes(ray_cluster)
+        peak, done = [before], threading.Event()
+
+        def sample():
+            while not done.wait(0.02):
+                peak[0] = max(peak[0], ingress_anon_bytes(ray_cluster))
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(send, ("alice", "alice", "bob", "bob"), range(4)))
+        finally:
+            done.set()
+            sampler.join()
+        assert answers == [refused] * 4
+        grew = peak[0] - before
+        assert grew < 2 * size, f"{send.__name__}: the ingress grew by {grew / 2**20:.0f} MiB"
     assert complete(ray_cluster, "tiny").status_code == 200
 
 

@@ -8,6 +8,8 @@ import tarfile
 
 import pytest
 
+from tests.integration.server_proc import raw_request, request_head, upload_head
+
 
 def err(r, status: int, param: str | None = None) -> dict:
     assert r.status_code == status, r.text
@@ -217,6 +219,16 @@ def test_duplicate_name_is_409_and_keeps_the_original(cluster, alice):
     assert {**after, "residency": None} == {**before, "residency": None}
 
 
+def test_a_taken_name_is_refused_before_the_files_are_sent(cluster, alice):
+    """A 2 GiB upload whose form names a taken adapter: the 409 comes once the form names it,
+    while the client has sent 1 MiB of its files (a server that read on would answer 408)."""
+    assert cluster.upload("alice", "taken", "a1").status_code == 201
+    head = _post("/v1/adapters", 2 << 30, cluster.keys["alice"], "multipart/form-data; boundary=b")
+    status, _, body, _ = _raw(cluster, head, upload_head("taken") + b"\0" * (1 << 20))
+    assert status == 409 and json.loads(body)["error"]["param"] == "name", body
+    assert alice.delete("/v1/adapters/taken").status_code == 200
+
+
 def _multipart(cluster, name: str, *, close: bool = True) -> tuple[bytes, str]:
     boundary = "loraplexboundary"
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\n{name}\r\n'.encode()]
@@ -260,37 +272,14 @@ def test_an_upload_cut_off_by_its_client_leaves_nothing(cluster, alice):
 # ---------------------------------------------------------------- bounded input, before any work
 
 
-def _raw(cluster, head: str, body: bytes = b"", *, wait: float = 15.0) -> tuple[int, dict, bytes, float]:
-    """Send a request by hand (a lying Content-Length, a stalled body); (status, headers, body, seconds)."""
-    import socket
-    import time
-
-    t0 = time.time()
-    with socket.create_connection(("127.0.0.1", cluster.server.port), timeout=wait) as s:
-        s.sendall(head.encode() + body)
-        data = b""
-        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    elapsed = time.time() - t0
-    head_part, _, rest = data.partition(b"\r\n\r\n")
-    lines = head_part.decode().split("\r\n")
-    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split()[1]), headers, rest, elapsed
-
-
-def _length(data: bytes) -> int:
-    for line in data.split(b"\r\n\r\n")[0].split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            return int(line.split(b":")[1])
-    return 0
 
 
 def _post(path: str, length: int, key: str | None, ctype: str = "application/json") -> str:
-    auth = f"Authorization: Bearer {key}\r\n" if key else ""
-    return f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {ctype}\r\nContent-Length: {length}\r\n\r\n"
+    return request_head("POST", path, length, key, ctype)
+
+
+def _raw(cluster, head: str, body: bytes = b"", *, wait: float = 15.0) -> tuple[int, dict, bytes, float]:
+    return raw_request(cluster.server.port, head, body, wait=wait)
 
 
 def test_no_key_is_refused_before_the_body_is_read(cluster):

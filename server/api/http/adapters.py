@@ -45,12 +45,12 @@ async def _upload(request: Request, principal: Principal, service: Service, *, n
     adapters = service.adapters
     replace = name is not None
 
-    def before_files(fields: dict[str, str]) -> None:
-        if (n := name or fields.get("name")) is not None:
-            adapters.check_upload(principal, n, tenant or fields.get("tenant"), replace=replace)
+    def check(n: str, t: str | None) -> None:
+        adapters.check_upload(principal, n, t, replace=replace)
 
     async with adapters.staging(principal) as staged:
-        fields = await multipart.receive(request, staged, before_files=before_files)
+        fields = await multipart.receive(request, staged, before_files=multipart.before_files(check, name=name,
+                                                                                             tenant=tenant))
         if name is None and "name" not in fields:
             raise InvalidArgument("the form has no 'name' field: the adapter's name", field="name")
         return await adapters.add(principal, name or fields["name"], staged, tenant=tenant or fields.get("tenant"),

@@ -9,6 +9,11 @@ staging directory chunk by chunk, in a worker thread.
 
 Form fields: ``name`` and ``tenant`` (text), ``files`` (each adapter file, as
 many parts) or ``archive`` (one .tar.gz).
+
+The Ray ingress reads the same form as it passes (:class:`FormFields`): only its
+text fields, so that it refuses a taken name or a full quota before the files'
+bytes, as the single server does; the replica that stages the upload parses it
+whole.
 """
 
 from __future__ import annotations
@@ -28,6 +33,17 @@ FILE_FIELDS = ("files", "archive")
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
 _BATCH = 1 << 20  # bytes handed to the parser per worker-thread hop
+
+
+def before_files(check: Callable[[str, str | None], object], *, name: str | None,
+                 tenant: str | None) -> Callable[[dict[str, str]], None]:
+    """An upload's ``before_files``: ``check(name, tenant)`` with the name from the path and the
+    tenant from the query where they are given, else the form's (a form without a name is
+    refused once it ends)."""
+    def hook(fields: dict[str, str]) -> None:
+        if (n := name or fields.get("name")) is not None:
+            check(n, tenant or fields.get("tenant"))
+    return hook
 
 
 class _Form:
@@ -136,3 +152,43 @@ async def receive(request: Request, staged: StagedUpload, *,
     if not form.ended:
         raise InvalidArgument("the multipart body ends before its closing boundary (truncated?)", field="files")
     return form.fields
+
+
+class _Discard:
+    """Where :class:`FormFields` puts the files' bytes: nowhere (the replica stages them)."""
+
+    def write_file(self, name: str, data: bytes) -> None:
+        pass
+
+    def end_file(self, name: str) -> None:
+        pass
+
+    def write_archive(self, data: bytes) -> None:
+        pass
+
+
+class FormFields:
+    """An upload form's text fields, read as the body passes (the Ray ingress): ``before_files``
+    runs at the first file part, as in :func:`receive`, and nothing past it is parsed. A body that
+    is not a form, or a malformed one, is left to the replica, whose parse says what is wrong."""
+
+    def __init__(self, content_type: str, before_files: Callable[[dict[str, str]], None]):
+        ctype, params = parse_options_header(content_type)
+        boundary = params.get(b"boundary")
+        self._form = _Form(_Discard(), before_files)
+        self._parser = MultipartParser(boundary, self._form.callbacks()) \
+            if ctype == b"multipart/form-data" and boundary else None
+
+    @property
+    def done(self) -> bool:
+        return self._parser is None or self._form._checked or self._form.ended
+
+    async def feed(self, chunk: bytes) -> None:
+        """Read ``chunk`` while the fields are not all read, in a worker thread (``before_files``
+        reads the registry); raises what ``before_files`` or the form's bounds raise."""
+        if self.done:
+            return
+        try:
+            await asyncio.to_thread(self._parser.write, chunk)
+        except MultipartParseError:
+            self._parser = None
