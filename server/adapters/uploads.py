@@ -4,8 +4,8 @@ At most ``--max-uploads`` at once, ``--max-uploads-per-tenant`` of them one tena
 to the server's limit); one more is a 429 with Retry-After. Where uploads are staged on disk,
 each also reserves the space it may fill until it ends, and one that would leave less than
 ``--staging-reserve-bytes`` free is a 503: staging never fills the disk a SQLite registry
-writes to. The single server's AdapterService and the Ray ingress (which holds each upload it
-forwards) both hold their uploads here, and both refuse a taken name or a full quota with
+writes to. The single server's AdapterService and the Ray ingress (which passes each upload it
+forwards to Ray's object store) both hold their uploads here, and both refuse a taken name or a full quota with
 :func:`check_upload` as soon as the upload names its adapter, before its files' bytes.
 """
 
@@ -22,8 +22,8 @@ from server.tenants.store import Principal, TenantStore
 def check_upload(registry: AdapterRegistry, tenants: TenantStore, principal: Principal, name: str,
                  tenant: str | None, *, replace: bool) -> str:
     """Refuse what the registry would refuse, before any bytes are read; returns the namespace.
-    Indexed lookups, not a listing: a registration ran it on the event loop, and converting a
-    tenant's 1000 rows took 23 ms (46 of 57 s registering 1000 adapters)."""
+    Indexed lookups, not a listing: it runs for every registration, and converting a tenant's
+    1000 rows took 23 ms (46 of 57 s registering 1000 adapters)."""
     ns = tenants.acting_for(principal, tenant)
     validate_name(name)
     if replace:

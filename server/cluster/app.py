@@ -43,13 +43,13 @@ import logging
 import secrets
 import time
 from typing import Any, AsyncIterator
-from urllib.parse import parse_qs
 
 import grpc
 import ray
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import QueryParams
 
 from server.adapters.registry import AdapterRecord
 from server.adapters.uploads import UploadSlots, check_upload
@@ -57,7 +57,7 @@ from server.api.http.body import INLINE_BYTES, off_loop, top_level_string
 from server.api.http.errors import body as error_body, error_response, status_of
 from server.api.http.multipart import FormFields, before_files
 from server.config import Settings
-from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, Unauthenticated
+from server.errors import LoraplexError, PayloadTooLarge, ReplicaLost, ShuttingDown, StagingFull, Unauthenticated
 from server.service import UNKNOWN_KEY_POLL_S
 
 logger = logging.getLogger(__name__)
@@ -265,6 +265,16 @@ class LoraplexEngine:
             service.engine.shutdown()
 
 
+async def _put(value) -> ray.ObjectRef:
+    """``ray.put`` off the loop. An object store that cannot take an upload's piece now (full,
+    out of disk to spill to) is a 503 to retry, not a 500."""
+    try:
+        return await asyncio.to_thread(ray.put, value)
+    except RayError as e:
+        raise StagingFull(f"the cluster's object store cannot take this upload now ({type(e).__name__}); "
+                          "retry later") from None
+
+
 async def _unbatch(batches: list) -> AsyncIterator[bytes]:
     for batch in batches:
         for message in await batch:
@@ -274,7 +284,7 @@ async def _unbatch(batches: list) -> AsyncIterator[bytes]:
 def _is_upload(method: str, path: str) -> bool:
     """POST /v1/adapters and PUT /v1/adapters/{name}: a body of adapter files."""
     return (method == "POST" and path == "/v1/adapters") or (method == "PUT" and path.startswith("/v1/adapters/")
-                                                                and path.count("/") == 3)
+                                                                and path.count("/") == 3 and not path.endswith("/"))
 
 
 def multiplex_id(record: AdapterRecord) -> str:
@@ -431,10 +441,10 @@ class LoraplexIngress:
 
     async def _upload_body(self, scope, receive, principal) -> list | None:
         """An upload's body, in Ray objects of :data:`UPLOAD_PIECE_BYTES` put as it arrives: this
-        process holds one piece of it at a time, however many uploads arrive at once. Its name and
+        process holds a few pieces of it, not the upload, however many arrive at once. Its name and
         quota are checked as soon as the form names them, before the files' bytes, with the single
         server's :func:`check_upload`; None if the client left."""
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        query = QueryParams(scope.get("query_string", b""))  # as FastAPI reads it on the replica
         replace = scope["method"] == "PUT"
 
         def check(name: str, tenant: str | None) -> None:
@@ -442,24 +452,24 @@ class LoraplexIngress:
 
         headers = dict((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in scope["headers"])
         fields = FormFields(headers.get("content-type", ""), before_files(
-            check, name=scope["path"].rsplit("/", 1)[1] if replace else None, tenant=query.get("tenant", [None])[-1]))
+            check, name=scope["path"].rsplit("/", 1)[1] if replace else None, tenant=query.get("tenant")))
         pieces, piece, size = [], [], 0
         while True:  # the guard bounds it: over the cap (413) or stalled (408) raises here
             message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk, more = message.get("body", b""), message.get("more_body", False)
-            await fields.feed(chunk)
+            await fields.feed(chunk, more=more)
             piece.append(chunk)
             size += len(chunk)
             if size >= UPLOAD_PIECE_BYTES or (size and not more):
-                pieces.append(await asyncio.to_thread(ray.put, b"".join(piece)))
+                pieces.append(await _put(b"".join(piece)))
                 piece, size = [], 0
             if not more:
                 return pieces
 
     def _check_upload(self, principal, name: str, tenant: str | None, *, replace: bool) -> None:
-        """:func:`check_upload`, in a worker thread (it reads the registry)."""
+        """:func:`check_upload`; it reads the registry, so callers run it in a worker thread."""
         try:
             check_upload(self.registry, self.tenants, principal, name, tenant, replace=replace)
         except LoraplexError:
@@ -539,10 +549,10 @@ class LoraplexIngress:
             batch.append(message)
             size += len(message)
             if size >= UPLOAD_PIECE_BYTES:
-                batches.append(await asyncio.to_thread(ray.put, batch))
+                batches.append(await _put(batch))
                 batch, size = [], 0
         if batch:
-            batches.append(await asyncio.to_thread(ray.put, batch))
+            batches.append(await _put(batch))
         return batches
 
     async def forward_grpc(self, method: str, kind: str, request, context: grpc.aio.ServicerContext):

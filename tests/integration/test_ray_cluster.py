@@ -162,6 +162,11 @@ def test_an_upload_is_refused_at_the_ingress_before_its_files(ray_cluster, adapt
         got, _, body, _ = raw_request(ray_cluster.port, head, upload_head(name) + b"\0" * (1 << 20), wait=60)
         error = json.loads(body)["error"]
         assert (got, error["code"]) == (status, code), body
+    # a form padded past its fields (128 KiB) is refused by the ingress too, not parsed for minutes
+    padded = b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\npadded\r\n--b' + b" " * (1 << 20)
+    head = request_head("POST", "/v1/adapters", 2 << 30, ray_cluster.keys["alice"], "multipart/form-data; boundary=b")
+    got, _, body, _ = raw_request(ray_cluster.port, head, padded, wait=60)
+    assert got == 400 and json.loads(body)["error"]["param"] == "files", body
     # gRPC: the first message names the adapter; the files never come
     stop = threading.Event()
 

@@ -19,10 +19,11 @@ whole.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from fastapi import Request
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from server.adapters.staging import StagedUpload
@@ -33,6 +34,17 @@ FILE_FIELDS = ("files", "archive")
 MAX_FIELD_BYTES = 1024
 MAX_PARTS = 32
 _BATCH = 1 << 20  # bytes handed to the parser per worker-thread hop
+FIELDS_BYTES = 128 << 10
+"""The first file part begins within this many bytes of the body. A form needs under 40 KiB
+before it (text fields of at most MAX_FIELD_BYTES, part headers); past it python-multipart spends
+Python time on every byte (a boundary's padding may be spaces and tabs, read one at a time)."""
+
+
+def _fields_too_long(form: "_Form", parsed: int) -> None:
+    if not form._checked and not form.ended and parsed > FIELDS_BYTES:
+        raise InvalidArgument(f"the form's first file part does not begin within {FIELDS_BYTES >> 10} KiB: "
+                              "send the text fields (name, tenant) first, each under "
+                              f"{MAX_FIELD_BYTES} bytes", field="files")
 
 
 def before_files(check: Callable[[str, str | None], object], *, name: str | None,
@@ -135,19 +147,21 @@ async def receive(request: Request, staged: StagedUpload, *,
         raise InvalidArgument("an adapter upload is multipart/form-data (fields name, files or archive)",
                               field="files")
     form = _Form(staged, before_files)
-    parser = MultipartParser(boundary, form.callbacks())
-    pending = bytearray()
+    pending, parsed = bytearray(), 0
     try:
+        parser = MultipartParser(boundary, form.callbacks())
         # The guard (server/api/http/guard.py) bounds the body and its pauses; the staged
         # upload bounds the files' bytes.
         async for chunk in request.stream():
             pending += chunk
             if len(pending) >= _BATCH:
                 await asyncio.to_thread(parser.write, bytes(pending))
+                parsed += len(pending)
                 pending.clear()
+                _fields_too_long(form, parsed)
         await asyncio.to_thread(parser.write, bytes(pending))
         parser.finalize()
-    except MultipartParseError as e:
+    except FormParserError as e:  # a malformed body, or a boundary python-multipart refuses
         raise InvalidArgument(f"malformed multipart body: {e}", field="files") from None
     if not form.ended:
         raise InvalidArgument("the multipart body ends before its closing boundary (truncated?)", field="files")
@@ -172,23 +186,39 @@ class FormFields:
     runs at the first file part, as in :func:`receive`, and nothing past it is parsed. A body that
     is not a form, or a malformed one, is left to the replica, whose parse says what is wrong."""
 
+    _PIECE = 16 << 10
+    """Bytes gathered before a worker-thread hop: a client sending a byte at a time costs one hop
+    per 16 KiB, not one per byte."""
+
     def __init__(self, content_type: str, before_files: Callable[[dict[str, str]], None]):
         ctype, params = parse_options_header(content_type)
         boundary = params.get(b"boundary")
         self._form = _Form(_Discard(), before_files)
-        self._parser = MultipartParser(boundary, self._form.callbacks()) \
-            if ctype == b"multipart/form-data" and boundary else None
+        self._parser = None
+        if ctype == b"multipart/form-data" and boundary:
+            with contextlib.suppress(FormParserError):  # a boundary it refuses: the replica says so
+                self._parser = MultipartParser(boundary, self._form.callbacks())
+        self._pending = bytearray()
+        self._parsed = 0
 
     @property
     def done(self) -> bool:
         return self._parser is None or self._form._checked or self._form.ended
 
-    async def feed(self, chunk: bytes) -> None:
+    async def feed(self, chunk: bytes, *, more: bool = True) -> None:
         """Read ``chunk`` while the fields are not all read, in a worker thread (``before_files``
-        reads the registry); raises what ``before_files`` or the form's bounds raise."""
+        reads the registry); raises what ``before_files`` or the form's bounds raise, and a 400
+        when the first file part does not begin within :data:`FIELDS_BYTES`."""
         if self.done:
             return
+        self._pending += chunk
+        if len(self._pending) < self._PIECE and more:
+            return
+        piece, self._pending = bytes(self._pending), bytearray()
         try:
-            await asyncio.to_thread(self._parser.write, chunk)
-        except MultipartParseError:
+            await asyncio.to_thread(self._parser.write, piece)
+        except FormParserError:
             self._parser = None
+            return
+        self._parsed += len(piece)
+        _fields_too_long(self._form, self._parsed)
