@@ -61,6 +61,14 @@ def tokens(r: httpx.Response) -> list[int]:
     return r.json()["choices"][0]["token_ids"]
 
 
+def is_engine_core(p: psutil.Process) -> bool:
+    """vLLM titles its engine core ``VLLM::EngineCore``. setproctitle rewrites the command line
+    where it can, and always sets the 15-character name (``VLLM::EngineCor``). In one CI run neither
+    replica's command line carried the title for four minutes, while both engines served: the
+    name is checked too."""
+    return "EngineCor" in p.name() or "EngineCore" in " ".join(p.cmdline())
+
+
 def every_engine_core() -> list[str]:
     """Each engine-core process on the host with its status and ancestors: what a failed wait for a
     replica's engine saw (once in CI, a replacement replica served while the wait found no engine
@@ -68,7 +76,7 @@ def every_engine_core() -> list[str]:
     out = []
     for p in psutil.process_iter():
         try:
-            if "EngineCore" in " ".join(p.cmdline()):
+            if is_engine_core(p):
                 chain = " <- ".join(f"{a.pid}:{' '.join(a.cmdline())[:40]}" for a in p.parents()[:4])
                 out.append(f"{p.pid} ({p.status()}) <- {chain}")
         except psutil.Error as e:
@@ -82,7 +90,7 @@ def engine_cores(server) -> list[psutil.Process]:
     cores = []
     for p in psutil.Process(server.proc.pid).children(recursive=True):
         try:
-            if "EngineCore" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+            if is_engine_core(p) and p.status() != psutil.STATUS_ZOMBIE:
                 cores.append(p)
         except psutil.Error:
             continue
@@ -328,7 +336,8 @@ def test_killing_one_replicas_engine_mid_stream(ray_cluster, adapter_dirs):
     deadline = time.time() + 240
     while len(cores := engine_cores(ray_cluster)) < 2 and time.time() < deadline:
         time.sleep(1)
-    assert len(cores) == 2
+    assert len(cores) == 2, [(p.pid, p.name(), " ".join(p.cmdline())[:80])
+                             for p in psutil.Process(ray_cluster.proc.pid).children(recursive=True)]
     replicas = {complete(ray_cluster, "tiny").headers[REPLICA] for _ in range(16)}
     assert len(replicas) == 2
     outcomes, started = [], threading.Semaphore(0)
