@@ -43,7 +43,35 @@ def anon_bytes(server: ServerProcess) -> int:
     return int(open(f"/proc/{ingress.pid}/status").read().split("RssAnon:")[1].split()[0]) << 10
 
 
+def form(size: int) -> list:
+    """An upload form the replica refuses once staged: ``size`` bytes of zeros, no safetensors header."""
+    return [("files", ("adapter_config.json", b"{}")), ("files", ("adapter_model.safetensors", b"\0" * size))]
+
+
+def upload_over_http(url: str, key: str, name: str, files: list) -> int:
+    with httpx.Client(base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}) as h:
+        return h.post("/v1/adapters", data={"name": name}, files=files).status_code
+
+
+def upload_over_grpc(port: int, key: str, name: str, size: int) -> str:
+    """The same upload as :func:`form`, as a gRPC stream of 1 MiB chunks; the status's name."""
+    def chunks():
+        yield apb.UploadRequest(metadata=apb.UploadMetadata(name=name))
+        yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_config.json", data=b"{}"))
+        for _ in range(size >> 20):
+            yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_model.safetensors", data=b"\0" * (1 << 20)))
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            adapters_pb2_grpc.AdaptersStub(channel).Upload(chunks(), metadata=(("authorization", f"Bearer {key}"),),
+                                                           timeout=600)
+        except grpc.RpcError as e:
+            return e.code().name
+    return "OK"
+
+
 def measure(server: ServerProcess, send, n: int) -> dict:
+    """``send(i)`` for i in range(n) at once, the ingress's RssAnon sampled every 20 ms meanwhile."""
     before = anon_bytes(server)
     peak, done = [before], threading.Event()
 
@@ -83,28 +111,16 @@ def main() -> None:
         server = ServerProcess(base, data, "--replicas", "1", "--grpc-port", str(grpc_port), log=root / "server.log")
         server.env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}
         server.start(timeout=400)
-        form = [("files", ("adapter_config.json", b"{}")), ("files", ("adapter_model.safetensors", b"\0" * size))]
+        files = form(size)
 
         def key(i: int) -> str:
             return keys[tenants[i // 2]]
 
         def over_http(i: int) -> int:
-            with httpx.Client(base_url=server.url, timeout=600, headers={"Authorization": f"Bearer {key(i)}"}) as h:
-                return h.post("/v1/adapters", data={"name": f"big-{i}"}, files=form).status_code
-
-        def chunks(i: int):
-            yield apb.UploadRequest(metadata=apb.UploadMetadata(name=f"big-{i}"))
-            yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_config.json", data=b"{}"))
-            for _ in range(size >> 20):
-                yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_model.safetensors", data=b"\0" * (1 << 20)))
+            return upload_over_http(server.url, key(i), f"big-{i}", files)
 
         def over_grpc(i: int) -> str:
-            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-                try:
-                    adapters_pb2_grpc.AdaptersStub(channel).Upload(chunks(i), metadata=(("authorization", f"Bearer {key(i)}"),))
-                except grpc.RpcError as e:
-                    return e.code().name
-            return "OK"
+            return upload_over_grpc(grpc_port, key(i), f"big-{i}", size)
 
         runs = []
         try:

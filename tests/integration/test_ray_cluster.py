@@ -5,7 +5,6 @@ over one SQLite registry and one local store. Driven with the stock openai clien
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import json
 import threading
 import time
@@ -30,7 +29,7 @@ def ray_cluster(tiny_base, tmp_path_factory):
     server = ServerProcess(tiny_base, data, "--replicas", "2", "--replica-max-ongoing-requests", "4",
                            "--max-loras", "2", "--max-cpu-loras", "4", "--grpc-port", str(grpc_port),
                            log=tmp_path_factory.mktemp("ray-logs") / "ray.log")
-    server.env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}  # see ingress_anon_bytes
+    server.env = {"MALLOC_MMAP_THRESHOLD_": str(128 << 10)}  # see test_parallel_uploads_pass_the_ingress_in_pieces
     server.start(timeout=400)
     server.keys, server.grpc_port = keys, grpc_port
     yield server
@@ -193,67 +192,29 @@ def test_an_upload_is_refused_at_the_ingress_before_its_files(ray_cluster, adapt
         stop.set()
 
 
-def ingress_anon_bytes(server) -> int:
-    """The ingress process's own memory: RssAnon, not the object store's shared pages it maps.
-    The fixture runs the cluster with MALLOC_MMAP_THRESHOLD_ set, so that glibc returns a freed
-    piece at once and RssAnon is what the process holds, not what its arenas kept."""
-    (ingress,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
-                  if "LoraplexIngress" in " ".join(p.cmdline())]
-    status = open(f"/proc/{ingress.pid}/status").read()
-    return int(status.split("RssAnon:")[1].split()[0]) << 10
-
-
 def test_parallel_uploads_pass_the_ingress_in_pieces(ray_cluster):
     """Four uploads of 96 MiB at once (--max-uploads; two tenants, two each), over HTTP and then
     over gRPC, reach the replicas, which refuse them (zeros, no safetensors header), while the
     ingress holds less than half of them at any time: it puts each into Ray's object store 1 MiB at
     a time as it arrives (what it holds is what arrives faster than that, not the upload's size).
-    It held each one whole before, two or three copies of it."""
-    import grpc
-
-    from server.api.grpc.pb import adapters_pb2 as apb, adapters_pb2_grpc
+    It held each one whole before, two or three copies of it. Measured as
+    benchmarks/ingress_uploads.py measures it: the ingress's RssAnon, with the fixture's
+    MALLOC_MMAP_THRESHOLD_ so that glibc returns a freed piece at once."""
+    from benchmarks.ingress_uploads import form, measure, upload_over_grpc, upload_over_http
 
     size = 96 << 20
-    form = [("files", ("adapter_config.json", b"{}")), ("files", ("adapter_model.safetensors", b"\0" * size))]
+    files, tenants = form(size), ("alice", "alice", "bob", "bob")
 
-    def over_http(tenant: str, i: int) -> int:
-        with http(ray_cluster, tenant) as h:
-            return h.post("/v1/adapters", data={"name": f"big-{i}"}, files=form).status_code
+    def over_http(i: int) -> int:
+        return upload_over_http(ray_cluster.url, ray_cluster.keys[tenants[i]], f"big-{i}", files)
 
-    def chunks(i: int):
-        yield apb.UploadRequest(metadata=apb.UploadMetadata(name=f"big-{i}"))
-        yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_config.json", data=b"{}"))
-        for _ in range(size >> 20):
-            yield apb.UploadRequest(file=apb.FileChunk(filename="adapter_model.safetensors", data=b"\0" * (1 << 20)))
-
-    def over_grpc(tenant: str, i: int) -> str:
-        with grpc.insecure_channel(f"127.0.0.1:{ray_cluster.grpc_port}") as channel:
-            try:
-                adapters_pb2_grpc.AdaptersStub(channel).Upload(
-                    chunks(i), metadata=(("authorization", f"Bearer {ray_cluster.keys[tenant]}"),), timeout=300)
-            except grpc.RpcError as e:
-                return e.code().name
-        return "OK"
+    def over_grpc(i: int) -> str:
+        return upload_over_grpc(ray_cluster.grpc_port, ray_cluster.keys[tenants[i]], f"big-{i}", size)
 
     for send, refused in ((over_http, 400), (over_grpc, "INVALID_ARGUMENT")):
-        before = ingress_anon_bytes(ray_cluster)
-        peak, done = [before], threading.Event()
-
-        def sample():
-            while not done.wait(0.02):
-                peak[0] = max(peak[0], ingress_anon_bytes(ray_cluster))
-
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        try:
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(send, ("alice", "alice", "bob", "bob"), range(4)))
-        finally:
-            done.set()
-            sampler.join()
-        assert answers == [refused] * 4
-        grew = peak[0] - before
-        assert grew < 2 * size, f"{send.__name__}: the ingress grew by {grew / 2**20:.0f} MiB"
+        run = measure(ray_cluster, send, 4)
+        assert run["answers"] == [refused] * 4
+        assert run["peak_growth_mib"] < 2 * size / 2**20, f"{send.__name__}: the ingress grew by {run}"
     assert complete(ray_cluster, "tiny").status_code == 200
 
 
